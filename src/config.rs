@@ -1,0 +1,741 @@
+//! The TOML configuration: schema, defaults, and validation.
+//!
+//! Parsing has no side effects: nothing is bound, created or forked here. Every
+//! error, whether the TOML parser found it or a semantic check did (duplicate
+//! names, an unknown plugin), is one [`ConfigError`] that names the file, line
+//! and column and says what was expected.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::handler::Registry;
+
+/// The embedded default configuration (`config/default.toml`): echo on
+/// `tcp://127.0.0.1:8009` with two workers.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// What the configuration was read from; used in error messages and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The file given with `--config`.
+    File(PathBuf),
+    /// [`EMBEDDED_DEFAULT`], compiled into the binary.
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str("<embedded default>"),
+        }
+    }
+}
+
+/// A configuration error, located in its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file was read, and something in it is wrong.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        /// Where the configuration came from.
+        origin: Source,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// 1-based column (in characters) of the offending value.
+        column: usize,
+        /// What is wrong and what was expected, on one line.
+        message: String,
+    },
+}
+
+/// The whole configuration, with defaults filled in.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The `[[service]]` pools; at least one.
+    #[serde(rename = "service")]
+    pub services: Vec<ServiceConfig>,
+    /// Where this configuration was read from.
+    #[serde(skip, default = "embedded")]
+    pub source: Source,
+}
+
+fn embedded() -> Source {
+    Source::Embedded
+}
+
+/// `[daemon]`: settings of the master process.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where the master writes its pid (removed on exit). None: no pid file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Where log lines go.
+    #[serde(default)]
+    pub target: LogTarget,
+    /// The least severe level that is written.
+    #[serde(default)]
+    pub level: LogLevel,
+}
+
+/// `[log] target`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    /// Standard error, one line per record.
+    #[default]
+    Stderr,
+}
+
+/// `[log] level`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default: lifecycle events (spawns, exits, signals).
+    #[default]
+    Info,
+    /// Per-connection events too.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter for this level.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// One `[[service]]`: a pool of workers running one handler plugin on one or
+/// more listeners.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name, used in process titles and logs.
+    pub name: Spanned<ServiceName>,
+    /// Where to listen, as written; at least one address.
+    pub listen: Spanned<Vec<Spanned<String>>>,
+    /// `listen`, parsed (filled in by validation).
+    #[serde(skip)]
+    pub addrs: Vec<ListenAddr>,
+    /// Pool size: a number or `"auto"` (one per CPU).
+    #[serde(default)]
+    pub workers: Workers,
+    /// Accept threads in each worker (socketserver's ThreadingMixIn).
+    #[serde(default = "one", deserialize_with = "de_threads")]
+    pub threads: u32,
+    /// Recycle a worker after this many connections (datagrams); 0 = never.
+    #[serde(default)]
+    pub max_requests: u64,
+    /// Add a random 0..=jitter to `max_requests` per worker, so that workers
+    /// do not all recycle at once.
+    #[serde(default)]
+    pub max_requests_jitter: u64,
+    /// How long a stopping worker may take to finish its connections before it
+    /// is killed.
+    #[serde(default = "thirty_seconds", with = "duration")]
+    pub graceful_timeout: Duration,
+    /// How long a new worker may take to initialise its handler.
+    #[serde(default = "thirty_seconds", with = "duration")]
+    pub ready_timeout: Duration,
+    /// listen(2) backlog of stream sockets.
+    #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
+    pub backlog: i32,
+    /// Permissions of the Unix socket files this service creates.
+    #[serde(default)]
+    pub socket_mode: SocketMode,
+    /// The handler plugin and its options.
+    pub handler: HandlerConfig,
+}
+
+/// `[service.handler]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// A name in the plugin registry.
+    pub plugin: Spanned<String>,
+    /// Passed to the plugin when a worker initialises it.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+fn one() -> u32 {
+    1
+}
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_backlog() -> i32 {
+    1024
+}
+
+fn de_threads<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=1024).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "threads must be between 1 and 1024, got {n}"
+        )));
+    }
+    Ok(n as u32)
+}
+
+fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=65535).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "backlog must be between 1 and 65535, got {n}"
+        )));
+    }
+    Ok(n as i32)
+}
+
+/// A service name: letters, digits, `-`, `_` and `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            return Err(de::Error::custom(format!(
+                "invalid service name {s:?}: expected 1 to 64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        Ok(ServiceName(s))
+    }
+}
+
+/// `workers`: a fixed count or one per CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One worker per online CPU.
+    #[default]
+    Auto,
+    /// Exactly this many.
+    Count(NonZeroU32),
+}
+
+impl Workers {
+    /// The number of workers this setting means on this machine.
+    pub fn resolve(self) -> u32 {
+        match self {
+            Workers::Count(n) => n.get(),
+            Workers::Auto => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+        }
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u32(n.get()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of workers from 1 to 4096, or \"auto\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Workers, E> {
+                if n == 0 {
+                    return Err(E::custom(
+                        "workers = 0: a service needs at least 1 worker (or \"auto\")",
+                    ));
+                }
+                match u32::try_from(n).ok().filter(|n| *n <= 4096) {
+                    Some(n) => Ok(Workers::Count(NonZeroU32::new(n).expect("n > 0"))),
+                    None => Err(E::custom(format!(
+                        "workers = {n}: expected a number from 1 to 4096, or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Workers, E> {
+                if s == "auto" {
+                    Ok(Workers::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "workers = {s:?}: expected a number from 1 to 4096, or \"auto\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `socket_mode`: permission bits of Unix socket files, written `"0660"` or `0o660`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl Default for SocketMode {
+    fn default() -> Self {
+        SocketMode(0o660)
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SocketMode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an octal mode such as \"0660\" or 0o660")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<SocketMode, E> {
+                if (0..=0o777).contains(&n) {
+                    Ok(SocketMode(n as u32))
+                } else {
+                    Err(E::custom(format!(
+                        "socket_mode {n:#o} is out of range: expected 0o000 to 0o777"
+                    )))
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<SocketMode, E> {
+                let digits = s.strip_prefix("0o").unwrap_or(s);
+                match u32::from_str_radix(digits, 8) {
+                    Ok(n) if n <= 0o777 && !digits.is_empty() => Ok(SocketMode(n)),
+                    _ => Err(E::custom(format!(
+                        "socket_mode {s:?}: expected an octal mode such as \"0660\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Durations written as strings such as `"30s"`, `"1m 30s"` or `"250ms"`.
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?} ({e}): expected a string such as \"30s\", \"1m 30s\" or \"250ms\""
+            ))
+        })
+    }
+}
+
+/// One entry of a service's `listen` list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// `tcp://HOST:PORT`: a TCP stream socket (socketserver's TCPServer).
+    Tcp(SocketAddr),
+    /// `udp://HOST:PORT`: a UDP socket (UDPServer).
+    Udp(SocketAddr),
+    /// `unix:PATH`: a Unix stream socket (UnixStreamServer).
+    Unix(PathBuf),
+    /// `unixgram:PATH`: a Unix datagram socket (UnixDatagramServer).
+    UnixGram(PathBuf),
+}
+
+/// Longest Unix socket path: `sun_path` holds 108 bytes including the NUL.
+pub const MAX_UNIX_PATH: usize = 107;
+
+impl ListenAddr {
+    /// True for connection-oriented sockets (tcp, unix).
+    pub fn is_stream(&self) -> bool {
+        matches!(self, ListenAddr::Tcp(_) | ListenAddr::Unix(_))
+    }
+
+    /// The filesystem path of a Unix socket.
+    pub fn unix_path(&self) -> Option<&Path> {
+        match self {
+            ListenAddr::Unix(p) | ListenAddr::UnixGram(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A key under which two entries conflict; None for port 0, which asks
+    /// the kernel for a fresh port each time.
+    fn conflict_key(&self) -> Option<String> {
+        match self {
+            ListenAddr::Tcp(a) | ListenAddr::Udp(a) if a.port() == 0 => None,
+            _ => Some(self.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            ListenAddr::Udp(a) => write!(f, "udp://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::UnixGram(p) => write!(f, "unixgram:{}", p.display()),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected tcp://HOST:PORT, udp://HOST:PORT, unix:PATH or unixgram:PATH, \
+             with HOST an IP address such as 127.0.0.1 or [::1]";
+        let inet = |rest: &str| -> Result<SocketAddr, String> {
+            rest.parse::<SocketAddr>()
+                .map_err(|_| format!("invalid listen address {s:?}: {EXPECTED}"))
+        };
+        let path = |rest: &str| -> Result<PathBuf, String> {
+            if rest.is_empty() {
+                return Err(format!("invalid listen address {s:?}: the path is empty"));
+            }
+            if rest.len() > MAX_UNIX_PATH {
+                return Err(format!(
+                    "invalid listen address {s:?}: a Unix socket path can have at most {MAX_UNIX_PATH} bytes, this one has {}",
+                    rest.len()
+                ));
+            }
+            if rest.contains('\0') {
+                return Err(format!("invalid listen address {s:?}: NUL in path"));
+            }
+            Ok(PathBuf::from(rest))
+        };
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            Ok(ListenAddr::Tcp(inet(rest)?))
+        } else if let Some(rest) = s.strip_prefix("udp://") {
+            Ok(ListenAddr::Udp(inet(rest)?))
+        } else if let Some(rest) = s.strip_prefix("unixgram:") {
+            Ok(ListenAddr::UnixGram(path(rest)?))
+        } else if let Some(rest) = s.strip_prefix("unix:") {
+            Ok(ListenAddr::Unix(path(rest)?))
+        } else {
+            Err(format!("invalid listen address {s:?}: {EXPECTED}"))
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, Source::File(path.to_owned()), registry)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded(registry: &Registry) -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED_DEFAULT, Source::Embedded, registry)
+    }
+
+    /// Parses and validates `text`; `source` names it in errors.
+    pub fn parse(text: &str, source: Source, registry: &Registry) -> Result<Config, ConfigError> {
+        let locate = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                origin: source.clone(),
+                line,
+                column,
+                message,
+            }
+        };
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| locate(e.span(), e.message().trim().replace('\n', "; ")))?;
+        config.source = source.clone();
+        config
+            .validate_mut(registry)
+            .map_err(|(span, message)| locate(Some(span), message))?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot see: uniqueness across services, non-empty
+    /// lists, plugin names. Returns the span of the offending value.
+    fn validate_mut(&mut self, registry: &Registry) -> Result<(), (std::ops::Range<usize>, String)> {
+        for svc in &mut self.services {
+            svc.addrs = svc
+                .listen
+                .get_ref()
+                .iter()
+                .map(|a| a.get_ref().parse::<ListenAddr>().map_err(|e| (a.span(), e)))
+                .collect::<Result<_, _>>()?;
+        }
+        if self.services.is_empty() {
+            return Err((0..0, "no [[service]] defined: expected at least one".into()));
+        }
+        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut addrs: HashMap<String, &str> = HashMap::new();
+        for svc in &self.services {
+            let name = svc.name.get_ref().as_str();
+            if names.insert(name, ()).is_some() {
+                return Err((
+                    svc.name.span(),
+                    format!("duplicate service name {name:?}: each [[service]] needs its own name"),
+                ));
+            }
+            if svc.listen.get_ref().is_empty() {
+                return Err((
+                    svc.listen.span(),
+                    format!("service {name:?}: listen is empty: expected at least one address"),
+                ));
+            }
+            for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
+                if let Some(key) = addr.conflict_key()
+                    && let Some(other) = addrs.insert(key, name)
+                {
+                    return Err((
+                        written.span(),
+                        format!("duplicate listen address {addr}: already used by service {other:?}"),
+                    ));
+                }
+            }
+            let plugin = svc.handler.plugin.get_ref();
+            match registry.get(plugin) {
+                None => {
+                    return Err((
+                        svc.handler.plugin.span(),
+                        format!(
+                            "unknown plugin {plugin:?}: expected one of {}",
+                            registry.names().join(", ")
+                        ),
+                    ));
+                }
+                Some(info) => {
+                    for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
+                        let stream = addr.is_stream();
+                        if (stream && !info.stream) || (!stream && !info.datagram) {
+                            return Err((
+                                written.span(),
+                                format!(
+                                    "plugin {plugin:?} does not serve {} sockets, so it cannot listen on {addr}",
+                                    if stream { "stream" } else { "datagram" },
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config model always serializes")
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Source::File("t.toml".into()), &Registry::builtin())
+            .map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+[[service]]
+name = "echo"
+listen = ["tcp://127.0.0.1:0", "unix:/tmp/x.sock"]
+workers = 3
+[service.handler]
+plugin = "echo"
+"#;
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = parse(GOOD).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.workers.resolve(), 3);
+        assert_eq!(s.threads, 1);
+        assert_eq!(s.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(s.backlog, 1024);
+        assert_eq!(s.socket_mode, SocketMode(0o660));
+        assert_eq!(c.log.level, LogLevel::Info);
+    }
+
+    #[test]
+    fn embedded_default_is_echo_on_8009_with_two_workers() {
+        let c = Config::embedded(&Registry::builtin()).unwrap();
+        assert_eq!(c.services.len(), 1);
+        let s = &c.services[0];
+        assert_eq!(s.handler.plugin.get_ref(), "echo");
+        assert_eq!(s.workers.resolve(), 2);
+        assert_eq!(s.addrs, vec![ListenAddr::Tcp("127.0.0.1:8009".parse().unwrap())]);
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let c = parse(GOOD).unwrap();
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nwrokers = 2\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(e.starts_with("t.toml:4:1: unknown field `wrokers`"), "{e}");
+    }
+
+    #[test]
+    fn zero_workers() {
+        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nworkers = 0\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(e.starts_with("t.toml:4:11: workers = 0"), "{e}");
+    }
+
+    #[test]
+    fn empty_listen() {
+        let e = err("[[service]]\nname = \"a\"\nlisten = []\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(e.starts_with("t.toml:3:10: service \"a\": listen is empty"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_and_addresses() {
+        let two = |n2: &str, a2: &str| {
+            format!(
+                "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:7\"]\n[service.handler]\nplugin = \"echo\"\n\
+                 [[service]]\nname = \"{n2}\"\nlisten = [\"{a2}\"]\n[service.handler]\nplugin = \"echo\"\n"
+            )
+        };
+        let e = err(&two("a", "tcp://127.0.0.1:8"));
+        assert!(e.starts_with("t.toml:7:8: duplicate service name \"a\""), "{e}");
+        let e = err(&two("b", "tcp://127.0.0.1:7"));
+        assert!(e.starts_with("t.toml:8:11: duplicate listen address tcp://127.0.0.1:7"), "{e}");
+        // Port 0 twice is two different kernel-chosen ports.
+        parse(&two("b", "tcp://127.0.0.1:0").replace(":7\"", ":0\"")).unwrap();
+    }
+
+    #[test]
+    fn unknown_plugin_lists_known_ones() {
+        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n[service.handler]\nplugin = \"ehco\"\n");
+        assert!(e.starts_with("t.toml:5:10: unknown plugin \"ehco\": expected one of"), "{e}");
+        assert!(e.contains("chargen, daytime, discard, echo"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_durations() {
+        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://localhost:1\"]\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(e.starts_with("t.toml:3:11: invalid listen address"), "{e}");
+        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\ngraceful_timeout = \"soon\"\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(e.starts_with("t.toml:4:20: invalid duration \"soon\""), "{e}");
+        let long = format!("unix:/{}", "x".repeat(120));
+        let e = err(&format!("[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"));
+        assert!(e.contains("at most 107 bytes"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let e = err("[[service]\nname = \"a\"\n");
+        assert!(e.starts_with("t.toml:1:"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn no_service() {
+        let e = err("[log]\nlevel = \"info\"\n");
+        assert!(e.contains("missing field `service`"), "{e}");
+    }
+
+    #[test]
+    fn socket_mode_forms() {
+        let with = |m: &str| {
+            parse(&format!("[[service]]\nname = \"a\"\nlisten = [\"unix:/tmp/a\"]\nsocket_mode = {m}\n[service.handler]\nplugin = \"echo\"\n"))
+        };
+        assert_eq!(with("\"0600\"").unwrap().services[0].socket_mode, SocketMode(0o600));
+        assert_eq!(with("0o640").unwrap().services[0].socket_mode, SocketMode(0o640));
+        assert!(with("\"999\"").is_err());
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("é=1", 2), (1, 2));
+    }
+}

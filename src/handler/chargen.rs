@@ -1,0 +1,94 @@
+//! `chargen` (RFC 864): sends the rotating 72-character lines of the 95
+//! printable ASCII characters, each line starting one character further on.
+//! On streams it sends until the client closes (input is thrown away) and
+//! stops at once when asked to; a datagram gets one answer of 0 to 512 bytes.
+
+use std::io;
+use std::sync::Arc;
+
+use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Sent, StreamHandler};
+
+const LINE: usize = 72;
+const PRINTABLE: usize = 95;
+
+/// The RFC 864 pattern: `lines` lines of 72 characters and CR LF, starting
+/// at line `first` of the 95-line cycle.
+pub fn pattern(first: usize, lines: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines * (LINE + 2));
+    for l in first..first + lines {
+        for c in 0..LINE {
+            out.push(b' ' + ((l + c) % PRINTABLE) as u8);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+struct Chargen {
+    /// One full cycle plus one line, so that any line's start is a slice.
+    cycle: Vec<u8>,
+}
+
+impl StreamHandler for Chargen {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let cycle_len = PRINTABLE * (LINE + 2);
+        let mut pos = 0;
+        loop {
+            // Throw input away as it comes, so the client can never fill our
+            // receive buffer (which would make our close a reset).
+            conn.discard_input()?;
+            let end = (pos + 16 * 1024).min(self.cycle.len());
+            match conn.send(&self.cycle[pos..end]) {
+                Ok(Sent::Bytes(n)) => pos = (pos + n) % cycle_len,
+                Ok(Sent::Shutdown) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Ok(()); // the client has had enough: normal for chargen
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl DatagramHandler for Chargen {
+    fn handle(&self, _: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool> {
+        let len = fastrand::usize(0..=512);
+        reply.extend_from_slice(&self.cycle[..len]);
+        Ok(true)
+    }
+}
+
+pub(super) fn plugin() -> PluginInfo {
+    PluginInfo {
+        name: "chargen".into(),
+        stream: true,
+        datagram: true,
+        factory: Arc::new(|ctx| {
+            ctx.expect_options("chargen", &[])?;
+            let handler = Arc::new(Chargen {
+                cycle: pattern(0, PRINTABLE + 1 + 16 * 1024 / (LINE + 2)),
+            });
+            Ok(Handlers {
+                stream: Some(handler.clone()),
+                datagram: Some(handler),
+            })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pattern_rotates_by_one_per_line() {
+        let p = super::pattern(0, 2);
+        assert_eq!(&p[..3], b" !\"");
+        assert_eq!(&p[72..74], b"\r\n");
+        assert_eq!(&p[74..77], b"!\"#");
+        assert_eq!(p.len(), 148);
+    }
+}

@@ -1,0 +1,43 @@
+//! `daytime` (RFC 867): answers the current date and time as one line of
+//! ASCII, then closes. The RFC leaves the format open; this is the HTTP date
+//! form (`Sat, 28 Nov 2026 13:25:50 GMT`), in UTC.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, StreamHandler};
+
+struct Daytime;
+
+fn now_line() -> String {
+    format!("{}\r\n", httpdate::fmt_http_date(SystemTime::now()))
+}
+
+impl StreamHandler for Daytime {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        conn.write_all(now_line().as_bytes())
+    }
+}
+
+impl DatagramHandler for Daytime {
+    fn handle(&self, _: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool> {
+        reply.extend_from_slice(now_line().as_bytes());
+        Ok(true)
+    }
+}
+
+pub(super) fn plugin() -> PluginInfo {
+    PluginInfo {
+        name: "daytime".into(),
+        stream: true,
+        datagram: true,
+        factory: Arc::new(|ctx| {
+            ctx.expect_options("daytime", &[])?;
+            Ok(Handlers {
+                stream: Some(Arc::new(Daytime)),
+                datagram: Some(Arc::new(Daytime)),
+            })
+        }),
+    }
+}

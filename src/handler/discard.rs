@@ -1,0 +1,45 @@
+//! `discard` (RFC 863): reads and throws away everything; answers nothing.
+//! Nothing is ever owed to the client, so it stops at once when asked to.
+
+use std::io;
+use std::sync::Arc;
+
+use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Recv, StreamHandler};
+
+struct Discard;
+
+impl StreamHandler for Discard {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if conn.shutting_down() {
+                return Ok(());
+            }
+            match conn.recv(&mut buf)? {
+                Recv::Data(_) => {}
+                Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+impl DatagramHandler for Discard {
+    fn handle(&self, _: &Datagram<'_>, _: &mut Vec<u8>) -> io::Result<bool> {
+        Ok(false)
+    }
+}
+
+pub(super) fn plugin() -> PluginInfo {
+    PluginInfo {
+        name: "discard".into(),
+        stream: true,
+        datagram: true,
+        factory: Arc::new(|ctx| {
+            ctx.expect_options("discard", &[])?;
+            Ok(Handlers {
+                stream: Some(Arc::new(Discard)),
+                datagram: Some(Arc::new(Discard)),
+            })
+        }),
+    }
+}

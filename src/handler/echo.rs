@@ -1,0 +1,45 @@
+//! `echo` (RFC 862): sends back every byte it receives.
+//!
+//! On streams it stops only at a point where nothing is owed: every byte read
+//! has been written back and no more input is pending.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Recv, StreamHandler};
+
+struct Echo;
+
+impl StreamHandler for Echo {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match conn.recv(&mut buf)? {
+                Recv::Data(n) => conn.write_all(&buf[..n])?,
+                Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+impl DatagramHandler for Echo {
+    fn handle(&self, datagram: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool> {
+        reply.extend_from_slice(datagram.data);
+        Ok(true)
+    }
+}
+
+pub(super) fn plugin() -> PluginInfo {
+    PluginInfo {
+        name: "echo".into(),
+        stream: true,
+        datagram: true,
+        factory: Arc::new(|ctx| {
+            ctx.expect_options("echo", &[])?;
+            Ok(Handlers {
+                stream: Some(Arc::new(Echo)),
+                datagram: Some(Arc::new(Echo)),
+            })
+        }),
+    }
+}

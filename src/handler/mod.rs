@@ -1,0 +1,442 @@
+//! Handler plugins: the traits a handler implements (socketserver's
+//! `BaseRequestHandler.handle()`), the connection and datagram types it is
+//! given, and the [`Registry`], the one place that maps a `plugin = "…"` name
+//! to code.
+//!
+//! A plugin is only *named* in the master (to validate the config); its
+//! factory runs in each worker after fork, so no handler code ever runs in the
+//! master.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::sys;
+
+mod chargen;
+mod daytime;
+mod discard;
+mod echo;
+
+/// Handles one stream connection at a time (a worker thread calls it once
+/// per accepted connection). Implementations must be shareable across the
+/// worker's accept threads.
+pub trait StreamHandler: Send + Sync {
+    /// Serves `conn` until the exchange is over. Return at a request boundary
+    /// once [`Connection::shutting_down`] is true (or [`Connection::recv`]
+    /// says [`Recv::Shutdown`]). The worker then closes the connection
+    /// cleanly. An error closes the connection and is logged.
+    fn handle(&self, conn: &mut Connection) -> io::Result<()>;
+}
+
+/// Answers datagrams (socketserver's DatagramRequestHandler).
+pub trait DatagramHandler: Send + Sync {
+    /// Handles one datagram; writes the answer into `reply` and returns true
+    /// to send it back to the sender, false to send nothing.
+    fn handle(&self, datagram: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool>;
+}
+
+/// What a plugin's factory returns: a handler for each kind of socket it
+/// serves (as declared in its [`PluginInfo`]).
+#[derive(Default)]
+pub struct Handlers {
+    /// For tcp and unix listeners.
+    pub stream: Option<Arc<dyn StreamHandler>>,
+    /// For udp and unixgram listeners.
+    pub datagram: Option<Arc<dyn DatagramHandler>>,
+}
+
+/// What a plugin's factory is given, in the worker, after fork.
+pub struct PluginContext<'a> {
+    /// The service's name.
+    pub service: &'a str,
+    /// `[service.handler.options]`.
+    pub options: &'a toml::Table,
+}
+
+impl PluginContext<'_> {
+    /// Fails, with a message that names the plugin and the option, unless
+    /// every key of `options` is in `known`.
+    pub fn expect_options(&self, plugin: &str, known: &[&str]) -> Result<(), String> {
+        for key in self.options.keys() {
+            if !known.contains(&key.as_str()) {
+                return Err(if known.is_empty() {
+                    format!("plugin {plugin:?} takes no options, got {key:?}")
+                } else {
+                    format!(
+                        "plugin {plugin:?} has no option {key:?}: expected one of {}",
+                        known.join(", ")
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a plugin's handlers in a worker; an `Err` is a boot failure whose
+/// message the master reports.
+pub type Factory = Arc<dyn Fn(&PluginContext<'_>) -> Result<Handlers, String> + Send + Sync>;
+
+/// A named plugin.
+#[derive(Clone)]
+pub struct PluginInfo {
+    /// The name used in `plugin = "…"`.
+    pub name: String,
+    /// Whether it serves stream sockets (tcp, unix).
+    pub stream: bool,
+    /// Whether it serves datagram sockets (udp, unixgram).
+    pub datagram: bool,
+    /// Runs in the worker to build the handlers.
+    pub factory: Factory,
+}
+
+impl fmt::Debug for PluginInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginInfo")
+            .field("name", &self.name)
+            .field("stream", &self.stream)
+            .field("datagram", &self.datagram)
+            .finish()
+    }
+}
+
+/// The plugins a binary knows, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    plugins: BTreeMap<String, PluginInfo>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The built-in plugins: `echo`, `discard`, `daytime`, `chargen`.
+    pub fn builtin() -> Registry {
+        let mut r = Registry::new();
+        r.register(echo::plugin());
+        r.register(discard::plugin());
+        r.register(daytime::plugin());
+        r.register(chargen::plugin());
+        r
+    }
+
+    /// Adds (or replaces) a plugin.
+    pub fn register(&mut self, plugin: PluginInfo) -> &mut Registry {
+        self.plugins.insert(plugin.name.clone(), plugin);
+        self
+    }
+
+    /// Looks a plugin up by name.
+    pub fn get(&self, name: &str) -> Option<&PluginInfo> {
+        self.plugins.get(name)
+    }
+
+    /// All names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.plugins.keys().map(String::as_str).collect()
+    }
+}
+
+/// The address of a peer or of a local socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    /// An IPv4 or IPv6 address and port.
+    Inet(SocketAddr),
+    /// A Unix socket; None when unnamed (the usual case for clients).
+    Unix(Option<PathBuf>),
+}
+
+impl Addr {
+    pub(crate) fn from_unix(a: std::os::unix::net::SocketAddr) -> Addr {
+        Addr::Unix(a.as_pathname().map(Into::into))
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Inet(a) => write!(f, "{a}"),
+            Addr::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
+            Addr::Unix(None) => f.write_str("unix:(unnamed)"),
+        }
+    }
+}
+
+/// A connected stream socket of either family.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn io(&self) -> &dyn StreamIo {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => s,
+        }
+    }
+}
+
+/// The operations both stream types share, as one object.
+trait StreamIo {
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_some(&self, buf: &[u8]) -> io::Result<usize>;
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+macro_rules! stream_io {
+    ($t:ty) => {
+        impl StreamIo for $t {
+            fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+                (&mut &*self).read(buf)
+            }
+            fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
+                (&mut &*self).write(buf)
+            }
+            fn shutdown_write(&self) -> io::Result<()> {
+                self.shutdown(Shutdown::Write)
+            }
+        }
+    };
+}
+stream_io!(TcpStream);
+stream_io!(UnixStream);
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// What [`Connection::recv`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recv {
+    /// This many bytes were read into the buffer.
+    Data(usize),
+    /// The client closed its side.
+    Eof,
+    /// The worker is stopping and no input is pending: nothing more is owed
+    /// to this client, so the handler should return.
+    Shutdown,
+}
+
+/// What [`Connection::send`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// This many bytes were written.
+    Bytes(usize),
+    /// The worker is stopping; nothing was written.
+    Shutdown,
+}
+
+/// One accepted stream connection, as a handler sees it. The socket is
+/// nonblocking underneath; the methods wait with poll(2) on the socket and,
+/// where they say so, on the worker's shutdown signal.
+pub struct Connection<'a> {
+    stream: Stream,
+    peer: Addr,
+    local: Addr,
+    service: &'a str,
+}
+
+impl<'a> Connection<'a> {
+    pub(crate) fn new(stream: Stream, peer: Addr, local: Addr, service: &'a str) -> Self {
+        Connection {
+            stream,
+            peer,
+            local,
+            service,
+        }
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> &Addr {
+        &self.peer
+    }
+
+    /// The address the client connected to.
+    pub fn local_addr(&self) -> &Addr {
+        &self.local
+    }
+
+    /// The service this connection belongs to.
+    pub fn service(&self) -> &str {
+        self.service
+    }
+
+    /// True once the worker has been asked to stop (SIGTERM, recycling).
+    pub fn shutting_down(&self) -> bool {
+        sys::shutdown_requested()
+    }
+
+    /// Reads what the client sent, waiting for input, for the client to close,
+    /// or for the worker to be asked to stop. Input that has already arrived
+    /// is returned even when stopping, so every byte the client sent before
+    /// the stop can be answered.
+    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
+        loop {
+            let stopping = sys::shutdown_requested();
+            if !stopping && !self.wait(PollFlags::POLLIN, true)? {
+                continue; // woken by the shutdown signal: look again
+            }
+            match self.stream.io().read_some(buf) {
+                Ok(0) => return Ok(Recv::Eof),
+                Ok(n) => return Ok(Recv::Data(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && stopping => {
+                    return Ok(Recv::Shutdown);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes some of `buf`, waiting until the socket can take it, unless the
+    /// worker is asked to stop first.
+    pub fn send(&mut self, buf: &[u8]) -> io::Result<Sent> {
+        loop {
+            if sys::shutdown_requested() {
+                return Ok(Sent::Shutdown);
+            }
+            match self.stream.io().write_some(buf) {
+                Ok(n) => return Ok(Sent::Bytes(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::POLLOUT, true)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads and throws away whatever input has already arrived, without
+    /// waiting (for handlers such as chargen that ignore their input).
+    pub fn discard_input(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.io().read_some(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for `events` on the socket (and, if `wake`, the shutdown signal).
+    /// Returns true if the socket is ready.
+    fn wait(&self, events: PollFlags, wake: bool) -> io::Result<bool> {
+        self.wait_until(events, wake, None)
+    }
+
+    fn wait_until(&self, events: PollFlags, wake: bool, deadline: Option<Instant>) -> io::Result<bool> {
+        let mut fds = [
+            PollFd::new(self.stream.as_fd(), events),
+            PollFd::new(sys::shutdown_fd(), PollFlags::POLLIN),
+        ];
+        let n = if wake { 2 } else { 1 };
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        match poll(&mut fds[..n], timeout) {
+            Ok(_) => Ok(fds[0].any().unwrap_or(false)),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Closes the connection cleanly: FIN first, then read and discard what
+    /// the client still sends until it closes or `linger` passes, so that
+    /// unread input never turns the close into a reset.
+    pub(crate) fn close_gracefully(self, linger: Duration) {
+        if self.stream.io().shutdown_write().is_err() {
+            return; // already gone
+        }
+        let deadline = Instant::now() + linger;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.io().read_some(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline
+                        || !matches!(self.wait_until(PollFlags::POLLIN, false, Some(deadline)), Ok(true))
+                    {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Blocking reads: wait for input or end of stream, ignoring the shutdown
+/// signal (use [`Connection::recv`] to stop at request boundaries).
+impl Read for Connection<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.io().read_some(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::POLLIN, false)?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Blocking writes: everything written is owed to the client, so these wait
+/// for the socket even while the worker is stopping.
+impl Write for Connection<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.io().write_some(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::POLLOUT, false)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One received datagram.
+pub struct Datagram<'a> {
+    /// The payload.
+    pub data: &'a [u8],
+    /// The sender.
+    pub peer: &'a Addr,
+    /// The service it was sent to.
+    pub service: &'a str,
+}

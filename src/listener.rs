@@ -1,0 +1,277 @@
+//! Binding listening sockets (TCP, UDP, Unix stream, Unix datagram) in the
+//! master, before any fork.
+//!
+//! Owns: each listening socket from bind until the master exits, and the
+//! Unix socket files the master created (removed on exit, only if they are
+//! still the ones it made).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::{ListenAddr, SocketMode};
+
+/// A listener that could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// A socket call failed.
+    #[error("cannot listen on {addr}: {syscall}() failed: {source}")]
+    Sys {
+        /// The configured address.
+        addr: ListenAddr,
+        /// The call that failed.
+        syscall: &'static str,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Another process answers on the Unix socket path.
+    #[error(
+        "cannot listen on {addr}: another server is accepting connections on {path}; stop it or choose another path"
+    )]
+    InUse {
+        /// The configured address.
+        addr: ListenAddr,
+        /// The live socket's path.
+        path: PathBuf,
+    },
+    /// The Unix socket path exists and is not a socket.
+    #[error(
+        "cannot listen on {addr}: {path} exists and is not a socket; refusing to remove it"
+    )]
+    NotASocket {
+        /// The configured address.
+        addr: ListenAddr,
+        /// The path in the way.
+        path: PathBuf,
+    },
+}
+
+/// A bound (and, for streams, listening) socket owned by the master.
+#[derive(Debug)]
+pub struct Listener {
+    /// The address as configured.
+    pub addr: ListenAddr,
+    /// The address actually bound (port 0 resolved to the kernel's choice).
+    pub bound: ListenAddr,
+    socket: OwnedFd,
+    /// The socket file we created: path, device and inode, so that exit
+    /// removes it only if it is still ours.
+    created: Option<(PathBuf, u64, u64)>,
+}
+
+impl Listener {
+    /// Binds `addr`. Stream sockets listen with `backlog`; Unix socket files
+    /// get `mode`. The socket is close-on-exec and nonblocking (workers poll,
+    /// then accept; another worker may win the race).
+    pub fn bind(addr: &ListenAddr, backlog: i32, mode: SocketMode) -> Result<Listener, ListenError> {
+        let sys = |syscall: &'static str| {
+            let addr = addr.clone();
+            move |source: io::Error| ListenError::Sys {
+                addr,
+                syscall,
+                source,
+            }
+        };
+        match addr {
+            ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) => {
+                let stream = matches!(addr, ListenAddr::Tcp(_));
+                let ty = if stream { Type::STREAM } else { Type::DGRAM };
+                let socket = Socket::new(Domain::for_address(*sa), ty, None).map_err(sys("socket"))?;
+                if sa.is_ipv6() {
+                    socket.set_only_v6(true).map_err(sys("setsockopt(IPV6_V6ONLY)"))?;
+                }
+                if stream {
+                    socket
+                        .set_reuse_address(true)
+                        .map_err(sys("setsockopt(SO_REUSEADDR)"))?;
+                }
+                socket.bind(&SockAddr::from(*sa)).map_err(sys("bind"))?;
+                if stream {
+                    socket.listen(backlog).map_err(sys("listen"))?;
+                }
+                socket.set_nonblocking(true).map_err(sys("fcntl(O_NONBLOCK)"))?;
+                let local = socket
+                    .local_addr()
+                    .map_err(sys("getsockname"))?
+                    .as_socket()
+                    .expect("an inet socket has an inet address");
+                let bound = if stream {
+                    ListenAddr::Tcp(local)
+                } else {
+                    ListenAddr::Udp(local)
+                };
+                Ok(Listener {
+                    addr: addr.clone(),
+                    bound,
+                    socket: socket.into(),
+                    created: None,
+                })
+            }
+            ListenAddr::Unix(path) | ListenAddr::UnixGram(path) => {
+                let stream = matches!(addr, ListenAddr::Unix(_));
+                clear_stale(addr, path, stream)?;
+                let ty = if stream { Type::STREAM } else { Type::DGRAM };
+                let socket = Socket::new(Domain::UNIX, ty, None).map_err(sys("socket"))?;
+                let sockaddr = SockAddr::unix(path).map_err(sys("bind"))?;
+                // The file is created by bind() with 0777 & ~umask; set the
+                // umask so that it never exists with wider permissions than
+                // `mode`. The master is single-threaded, so changing the
+                // process-wide umask for the duration of bind() is safe.
+                let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+                    0o777 & !mode.0,
+                ));
+                let bound = socket.bind(&sockaddr);
+                nix::sys::stat::umask(old);
+                bound.map_err(sys("bind"))?;
+                let meta = std::fs::symlink_metadata(path).map_err(sys("stat"))?;
+                let created = Some((path.clone(), meta.dev(), meta.ino()));
+                let mut listener = Listener {
+                    addr: addr.clone(),
+                    bound: addr.clone(),
+                    socket: socket.into(),
+                    created,
+                };
+                // From here on, a failure removes the file we just made.
+                let finish = |l: &Listener| -> Result<(), ListenError> {
+                    std::fs::set_permissions(
+                        path,
+                        std::os::unix::fs::PermissionsExt::from_mode(mode.0),
+                    )
+                    .map_err(sys("chmod"))?;
+                    let s = socket2::SockRef::from(&l.socket);
+                    if stream {
+                        s.listen(backlog).map_err(sys("listen"))?;
+                    }
+                    s.set_nonblocking(true).map_err(sys("fcntl(O_NONBLOCK)"))
+                };
+                if let Err(e) = finish(&listener) {
+                    listener.remove_file();
+                    return Err(e);
+                }
+                Ok(listener)
+            }
+        }
+    }
+
+    /// The socket, to hand to workers.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// A new descriptor for the same socket (for a worker to own).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.socket.try_clone()
+    }
+
+    /// Stops a stream listener from accepting: new connections are refused
+    /// at once, in every process that shares the socket. Used only when the
+    /// whole daemon stops.
+    pub fn stop_accepting(&self) {
+        if self.addr.is_stream() {
+            // Errors are of no consequence: the socket is closed right after.
+            let _ = nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+        }
+    }
+
+    /// Removes the Unix socket file this listener created, if it is still
+    /// the same file (not one that somebody else bound since).
+    pub fn remove_file(&mut self) {
+        if let Some((path, dev, ino)) = self.created.take() {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.dev() == dev && m.ino() == ino => {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        log::warn!("cannot remove socket file {}: {e}", path.display());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A Unix socket path that exists is probed with connect(): refused means a
+/// stale file from a process that died (removed), accepted means a live
+/// server owns it (an error), and anything that is not a socket is left alone.
+fn clear_stale(addr: &ListenAddr, path: &Path, stream: bool) -> Result<(), ListenError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ListenError::Sys {
+                addr: addr.clone(),
+                syscall: "stat",
+                source,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ListenError::NotASocket {
+            addr: addr.clone(),
+            path: path.to_owned(),
+        });
+    }
+    let probe = if stream {
+        UnixStream::connect(path).map(drop)
+    } else {
+        UnixDatagram::unbound().and_then(|s| s.connect(path))
+    };
+    match probe {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::info!("removing stale socket file {}", path.display());
+            std::fs::remove_file(path).map_err(|source| ListenError::Sys {
+                addr: addr.clone(),
+                syscall: "unlink",
+                source,
+            })
+        }
+        Ok(()) => Err(ListenError::InUse {
+            addr: addr.clone(),
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(ListenError::Sys {
+            addr: addr.clone(),
+            syscall: "connect",
+            source,
+        }),
+    }
+}
+
+/// A listener as a worker uses it: the std type for its kind.
+#[derive(Debug)]
+pub enum WorkerSocket {
+    /// TCP listener.
+    Tcp(std::net::TcpListener),
+    /// Unix stream listener.
+    Unix(std::os::unix::net::UnixListener),
+    /// UDP socket.
+    Udp(std::net::UdpSocket),
+    /// Unix datagram socket.
+    UnixGram(UnixDatagram),
+}
+
+impl WorkerSocket {
+    /// Wraps a listener's descriptor according to its configured kind.
+    pub fn new(addr: &ListenAddr, fd: OwnedFd) -> WorkerSocket {
+        match addr {
+            ListenAddr::Tcp(_) => WorkerSocket::Tcp(fd.into()),
+            ListenAddr::Unix(_) => WorkerSocket::Unix(fd.into()),
+            ListenAddr::Udp(_) => WorkerSocket::Udp(fd.into()),
+            ListenAddr::UnixGram(_) => WorkerSocket::UnixGram(fd.into()),
+        }
+    }
+}
+
+impl AsFd for WorkerSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            WorkerSocket::Tcp(s) => s.as_fd(),
+            WorkerSocket::Unix(s) => s.as_fd(),
+            WorkerSocket::Udp(s) => s.as_fd(),
+            WorkerSocket::UnixGram(s) => s.as_fd(),
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The few operating-system operations that need `unsafe`: fork, raw signal
+//! dispositions for workers, the worker's shutdown flag, closing inherited
+//! descriptors, and the process title.
+//!
+//! Everything unsafe in preforkd lives here, each block with a `SAFETY:` note.
+//! State owned here: the worker's shutdown flag and its wake pipe (process
+//! globals, because a signal handler must reach them), and the memory region
+//! of the process title.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
+use nix::unistd::{ForkResult, Pid};
+
+/// Which side of a fork we are on.
+pub enum Forked {
+    /// In the parent; the child's pid.
+    Parent(Pid),
+    /// In the new child process.
+    Child,
+}
+
+/// Forks the calling process.
+///
+/// Only the master calls this, and the master is single-threaded (checked by
+/// [`assert_single_threaded`] at start), so the child is a consistent copy:
+/// no lock can be held by a thread that does not exist in the child.
+///
+/// Every signal is blocked across the fork, so that a signal meant for the
+/// new worker (SIGTERM right after it was spawned) waits until the worker
+/// has installed its own handlers ([`install_worker_signals`] unblocks),
+/// instead of running the master's handler in the child and being lost.
+pub fn fork() -> io::Result<Forked> {
+    let mut old = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+    // SAFETY: the master has exactly one thread (rule 1, checked at start), so
+    // the child may run arbitrary code, allocate and take locks after fork.
+    let forked = unsafe { nix::unistd::fork() };
+    if let Ok(ForkResult::Child) = forked {
+        return Ok(Forked::Child); // signals stay blocked until the worker's handlers are in place
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+    match forked? {
+        ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        ForkResult::Child => unreachable!("handled above"),
+    }
+}
+
+/// Fails unless the calling process has exactly one thread: fork() in a
+/// threaded process copies one thread and whatever locks the others held.
+pub fn assert_single_threaded() -> io::Result<()> {
+    let n = std::fs::read_dir("/proc/self/task")?.count();
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "the master must be single-threaded before it forks, but it has {n} threads"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Worker signals and the shutdown flag.
+
+/// Set by SIGTERM (and by the worker itself after `max_requests`).
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+/// Write end of the worker's wake pipe; -1 until [`install_worker_signals`].
+static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
+/// Read end of the wake pipe: readable forever once shutdown is requested,
+/// so every thread polling it sees the request. Never drained.
+static WAKE_READ: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    request_shutdown();
+}
+
+extern "C" fn on_fast_stop(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe; a fast stop means "exit now",
+    // without unwinding or flushing anything.
+    unsafe { libc::_exit(0) }
+}
+
+/// Asks the worker to stop at its next request boundary. Async-signal-safe:
+/// one atomic store and one write(2) to a nonblocking pipe.
+pub fn request_shutdown() {
+    SHUTDOWN.store(true, Ordering::SeqCst);
+    let fd = WAKE_WRITE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: `fd` is the wake pipe's write end, created in
+        // install_worker_signals and never closed while the worker runs. A
+        // full pipe (EAGAIN) is fine: it is already readable.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+}
+
+/// True once the worker has been asked to stop.
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN.load(Ordering::SeqCst)
+}
+
+/// The wake pipe's read end: readable once shutdown is requested.
+pub fn shutdown_fd() -> BorrowedFd<'static> {
+    let fd = WAKE_READ.load(Ordering::SeqCst);
+    assert!(fd >= 0, "shutdown_fd() before install_worker_signals()");
+    // SAFETY: the wake pipe is created once per worker process and never
+    // closed until the process exits, so the fd outlives every borrow.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// In a freshly forked worker: replaces the master's signal handling with
+/// the worker's, and unblocks every signal.
+///
+/// SIGTERM requests a graceful stop; SIGINT and SIGQUIT exit at once; the
+/// master-only signals (HUP, USR1, USR2, TTIN, TTOU) are ignored so that a
+/// signal sent to the whole process group does not kill workers; SIGPIPE
+/// stays ignored (a client that goes away is an error return, not death);
+/// SIGCHLD gets its default.
+pub fn install_worker_signals() -> io::Result<()> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    WAKE_READ.store(into_raw(r), Ordering::SeqCst);
+    WAKE_WRITE.store(into_raw(w), Ordering::SeqCst);
+
+    let handler = |h| SigAction::new(h, nix::sys::signal::SaFlags::empty(), SigSet::empty());
+    let set = |sig, action: &SigAction| -> io::Result<()> {
+        // SAFETY: the handlers installed here only touch atomics, write(2) and
+        // _exit(2), all async-signal-safe; SIG_DFL and SIG_IGN are always sound.
+        unsafe { sigaction(sig, action) }
+            .map(drop)
+            .map_err(io::Error::from)
+    };
+    set(Signal::SIGTERM, &handler(SigHandler::Handler(on_terminate)))?;
+    set(Signal::SIGINT, &handler(SigHandler::Handler(on_fast_stop)))?;
+    set(Signal::SIGQUIT, &handler(SigHandler::Handler(on_fast_stop)))?;
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGPIPE,
+    ] {
+        set(sig, &handler(SigHandler::SigIgn))?;
+    }
+    set(Signal::SIGCHLD, &handler(SigHandler::SigDfl))?;
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    Ok(())
+}
+
+fn into_raw(fd: OwnedFd) -> RawFd {
+    use std::os::fd::IntoRawFd;
+    fd.into_raw_fd()
+}
+
+/// Asks the kernel to send SIGTERM to this process when its parent (the
+/// master) dies, then checks that the parent is still `master`: it may have
+/// died between fork and this call.
+pub fn exit_with_parent(master: Pid) -> io::Result<bool> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(nix::unistd::getppid() == master)
+}
+
+/// Closes every descriptor from 3 up, except those in `keep`: a worker must
+/// not hold the master's self-pipe, other workers' pipes or other services'
+/// sockets (a stopped service's socket must really close).
+pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 3).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first: RawFd = 3;
+    for &k in keep.iter().chain(std::iter::once(&RawFd::MAX)) {
+        if k > first {
+            let last = if k == RawFd::MAX { u32::MAX } else { (k - 1) as u32 };
+            // SAFETY: the caller owns every descriptor of this freshly forked
+            // process; those in the range are the master's and are never used
+            // (nor closed again) by the worker, which exits without dropping
+            // the master's state.
+            if unsafe { libc::close_range(first as u32, last, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        first = k.saturating_add(1);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Process titles, as `ps` and /proc/PID/cmdline show them.
+
+/// Start and length of the argv (+ environment) memory the title may use.
+static TITLE_AREA: AtomicUsize = AtomicUsize::new(0);
+static TITLE_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Prepares the process title: finds the argv strings' memory and moves the
+/// environment strings that follow them to the heap, so that the whole area
+/// can hold a title longer than the original command line. Call once, early,
+/// while single-threaded, after the arguments have been parsed.
+pub fn init_title() -> io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let after_comm = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("unexpected /proc/self/stat format"))?;
+    // Fields 48..=51 (1-based) of /proc/PID/stat: arg_start arg_end env_start
+    // env_end; field 3 is the first one after the command name.
+    let fields: Vec<usize> = after_comm
+        .split_whitespace()
+        .skip(45)
+        .take(4)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let [arg_start, arg_end, env_start, env_end] = fields[..] else {
+        return Err(io::Error::other("/proc/self/stat has no argv fields"));
+    };
+    if arg_start == 0 || arg_end <= arg_start {
+        return Err(io::Error::other("/proc/self/stat has no argv area"));
+    }
+    let mut end = arg_end;
+    if env_start == arg_end || env_start == arg_end + 1 {
+        // SAFETY: we are single-threaded (the master has not forked nor
+        // started threads), so nothing reads `environ` concurrently. Each
+        // entry that points into the original environment area is replaced
+        // by a leaked heap copy of the same string, so getenv() keeps working
+        // and the original area becomes free for the title.
+        unsafe {
+            let mut p = libc::environ;
+            while !p.is_null() && !(*p).is_null() {
+                let s = *p as usize;
+                if s >= env_start && s < env_end {
+                    let copy = CString::from(std::ffi::CStr::from_ptr(*p));
+                    *p = copy.into_raw();
+                }
+                p = p.add(1);
+            }
+        }
+        end = env_end;
+    }
+    TITLE_AREA.store(arg_start, Ordering::SeqCst);
+    TITLE_LEN.store(end - arg_start, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Sets the title shown by `ps` and /proc/PID/cmdline (truncated to the
+/// space [`init_title`] found). Does nothing if `init_title` failed.
+pub fn set_title(title: &str) {
+    let start = TITLE_AREA.load(Ordering::SeqCst);
+    let len = TITLE_LEN.load(Ordering::SeqCst);
+    if start == 0 || len < 2 {
+        return;
+    }
+    let bytes = title.as_bytes();
+    let n = bytes.len().min(len - 1);
+    // SAFETY: [start, start+len) is this process's own argv/environment
+    // string memory, mapped writable by the kernel at exec; init_title moved
+    // every environment string out of it and the arguments were parsed
+    // before, so nothing else refers to it. Title updates happen in one
+    // thread (the master before fork, or a worker before it starts threads).
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area[..n].copy_from_slice(&bytes[..n]);
+        area[n..].fill(0);
+    }
+}

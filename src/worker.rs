@@ -1,0 +1,378 @@
+//! The worker: what a forked child runs. It sets itself up (signals, title,
+//! master-death watch), initialises its service's handler plugin, tells the
+//! master it is ready, then accepts and serves until it is asked to stop or
+//! has served `max_requests`.
+//!
+//! Owns: its copies of its service's listening sockets (only the master's
+//! copies keep an accept queue alive), the accepted connections, and the
+//! handler objects.
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::unistd::Pid;
+
+use crate::config::{ListenAddr, ServiceConfig};
+use crate::exit::worker as code;
+use crate::handler::{
+    Addr, Connection, Datagram, DatagramHandler, Handlers, PluginContext, PluginInfo, Stream,
+    StreamHandler,
+};
+use crate::listener::WorkerSocket;
+use crate::sys;
+
+/// How long a closing connection waits for the client to finish sending
+/// after our FIN, before the socket is closed anyway.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Everything a new worker needs, taken from the master's state after fork.
+pub(crate) struct WorkerSpec<'a> {
+    /// The service's configuration.
+    pub service: &'a ServiceConfig,
+    /// The slot number: the N of `worker SERVICE#N`.
+    pub slot: usize,
+    /// The master's pid, to notice its death.
+    pub master: Pid,
+    /// The handler plugin to initialise.
+    pub plugin: &'a PluginInfo,
+    /// The service's listeners: the bound address and a descriptor of our own.
+    pub listeners: Vec<(ListenAddr, OwnedFd)>,
+    /// Write end of the ready pipe: one line, `ready` or `error: REASON`.
+    pub ready: OwnedFd,
+}
+
+/// Runs the worker to its end; returns the process exit code.
+pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
+    let name = format!("{}#{}", spec.service.name.get_ref(), spec.slot);
+    if let Err(e) = sys::install_worker_signals() {
+        log::error!("worker {name}: cannot set up signals: {e}");
+        return code::SETUP_ERROR;
+    }
+    let mut keep: Vec<i32> = spec.listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    keep.push(spec.ready.as_raw_fd());
+    keep.push(sys::shutdown_fd().as_raw_fd());
+    if let Err(e) = sys::close_fds_except(&keep) {
+        log::error!("worker {name}: close_range() failed: {e}");
+        return code::SETUP_ERROR;
+    }
+    match sys::exit_with_parent(spec.master) {
+        Ok(true) => {}
+        Ok(false) => return code::ORPHANED,
+        Err(e) => {
+            log::error!("worker {name}: prctl(PR_SET_PDEATHSIG) failed: {e}");
+            return code::SETUP_ERROR;
+        }
+    }
+    sys::set_title(&format!("preforkd: worker {name}"));
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error!("handler panicked{at}: {msg}");
+    }));
+
+    let ctx = PluginContext {
+        service: spec.service.name.get_ref().as_str(),
+        options: &spec.service.handler.options,
+    };
+    let handlers = match catch_unwind(AssertUnwindSafe(|| (spec.plugin.factory)(&ctx))) {
+        Ok(Ok(h)) => h,
+        Ok(Err(reason)) => return boot_failed(spec.ready, &reason),
+        Err(_) => return boot_failed(spec.ready, "the plugin panicked while initialising"),
+    };
+    let mut sockets = Vec::new();
+    for (addr, fd) in spec.listeners {
+        let local = match &addr {
+            ListenAddr::Tcp(a) | ListenAddr::Udp(a) => Addr::Inet(*a),
+            ListenAddr::Unix(p) | ListenAddr::UnixGram(p) => Addr::Unix(Some(p.clone())),
+        };
+        sockets.push((WorkerSocket::new(&addr, fd), local));
+    }
+    if let Err(reason) = check_handlers(&handlers, &sockets, &spec.plugin.name) {
+        return boot_failed(spec.ready, &reason);
+    }
+    // Tell the master we are ready; closing the pipe ends the message.
+    let mut ready = std::fs::File::from(spec.ready);
+    if ready.write_all(b"ready\n").is_err() {
+        return code::ORPHANED;
+    }
+    drop(ready);
+
+    let budget = match spec.service.max_requests {
+        0 => u64::MAX,
+        n => n.saturating_add(fastrand::u64(0..=spec.service.max_requests_jitter)),
+    };
+    let worker = Worker {
+        name: &name,
+        service: spec.service.name.get_ref().as_str(),
+        sockets,
+        stream: handlers.stream,
+        datagram: handlers.datagram,
+        served: AtomicU64::new(0),
+        budget,
+    };
+    worker.serve(spec.service.threads, spec.service.graceful_timeout);
+    code::OK
+}
+
+fn boot_failed(ready: OwnedFd, reason: &str) -> i32 {
+    let mut ready = std::fs::File::from(ready);
+    let line = format!("error: {}\n", reason.replace('\n', " "));
+    let _ = ready.write_all(line.as_bytes());
+    code::BOOT_ERROR
+}
+
+/// A plugin must have built a handler for every kind of socket it listens on.
+fn check_handlers(h: &Handlers, sockets: &[(WorkerSocket, Addr)], plugin: &str) -> Result<(), String> {
+    for (s, _) in sockets {
+        let stream = matches!(s, WorkerSocket::Tcp(_) | WorkerSocket::Unix(_));
+        if stream && h.stream.is_none() {
+            return Err(format!("plugin {plugin:?} built no stream handler"));
+        }
+        if !stream && h.datagram.is_none() {
+            return Err(format!("plugin {plugin:?} built no datagram handler"));
+        }
+    }
+    Ok(())
+}
+
+/// State shared by a worker's accept threads.
+struct Worker<'a> {
+    name: &'a str,
+    service: &'a str,
+    sockets: Vec<(WorkerSocket, Addr)>,
+    stream: Option<std::sync::Arc<dyn StreamHandler>>,
+    datagram: Option<std::sync::Arc<dyn DatagramHandler>>,
+    /// Connections and datagrams served, across threads.
+    served: AtomicU64,
+    /// Stop after this many (`max_requests` + jitter); u64::MAX: never.
+    budget: u64,
+}
+
+/// Epoll token of the shutdown pipe.
+const WAKE: u64 = u64::MAX;
+
+impl Worker<'_> {
+    /// Runs `threads` accept loops (this thread is one of them) until the
+    /// worker is asked to stop, then waits for the connections in progress,
+    /// at most `graceful` (the master kills us then anyway; this bound holds
+    /// when the master is gone).
+    fn serve(&self, threads: u32, graceful: Duration) {
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..threads)
+                .map(|_| scope.spawn(|| self.accept_loop()))
+                .collect();
+            self.accept_loop();
+            let deadline = Instant::now() + graceful + Duration::from_secs(1);
+            while others.iter().any(|t| !t.is_finished()) {
+                if Instant::now() >= deadline {
+                    log::warn!(
+                        "worker {}: connections still open after graceful_timeout; exiting",
+                        self.name
+                    );
+                    std::process::exit(code::OK);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+
+    /// One thread's loop: wait for a connection or datagram on any listener,
+    /// serve it, repeat. The listeners are in this thread's epoll set only
+    /// while it is idle, with EPOLLEXCLUSIVE: a new connection wakes one idle
+    /// thread, never a busy one, and never every idle one.
+    fn accept_loop(&self) {
+        if let Err(e) = self.try_accept_loop() {
+            log::error!("worker {}: accept loop failed: {e}; stopping", self.name);
+            sys::request_shutdown();
+        }
+    }
+
+    fn try_accept_loop(&self) -> io::Result<()> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        ep.add(sys::shutdown_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
+        let mut open: Vec<bool> = vec![true; self.sockets.len()];
+        let mut registered = false;
+        let mut events = [EpollEvent::empty(); 4];
+        let mut buf = vec![0u8; 65536];
+        let mut reply = Vec::new();
+        while !sys::shutdown_requested() {
+            if !registered {
+                for (i, (s, _)) in self.sockets.iter().enumerate() {
+                    if open[i] {
+                        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                        ep.add(s.as_fd(), EpollEvent::new(flags, i as u64))?;
+                    }
+                }
+                registered = true;
+            }
+            let n = match ep.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // One event per wake-up: after serving a connection the other
+            // events are stale (and their listeners may be deregistered).
+            let Some(ev) = events[..n].iter().find(|e| e.data() != WAKE) else {
+                continue;
+            };
+            let i = ev.data() as usize;
+            let (socket, local) = &self.sockets[i];
+            match socket {
+                WorkerSocket::Tcp(_) | WorkerSocket::Unix(_) => match accept(socket) {
+                    Ok((stream, peer)) => {
+                        // Busy from here on: leave the listeners to idle threads.
+                        for (j, (s, _)) in self.sockets.iter().enumerate() {
+                            if open[j] {
+                                ep.delete(s.as_fd())?;
+                            }
+                        }
+                        registered = false;
+                        self.serve_stream(stream, peer, local.clone());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if is_listener_gone(&e) => {
+                        // The master shut the listener down (daemon stop).
+                        open[i] = false;
+                        ep.delete(socket.as_fd())?;
+                    }
+                    Err(e) => {
+                        log::warn!("worker {}: accept() failed: {e}", self.name);
+                        if is_resource_limit(&e) {
+                            // EMFILE, ENOBUFS: do not spin on a listener we
+                            // cannot serve; other workers may.
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                },
+                WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => {
+                    self.serve_datagram(socket, &mut buf, &mut reply);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one request; asks the worker to stop when the budget is spent.
+    fn count(&self) {
+        if self.served.fetch_add(1, Ordering::Relaxed) + 1 >= self.budget {
+            log::info!(
+                "worker {}: served {} requests (max_requests); recycling",
+                self.name,
+                self.budget
+            );
+            sys::request_shutdown();
+        }
+    }
+
+    fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr) {
+        let Some(handler) = &self.stream else { return };
+        let peer_text = peer.to_string();
+        let mut conn = Connection::new(stream, peer, local, self.service);
+        match catch_unwind(AssertUnwindSafe(|| handler.handle(&mut conn))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_client_gone(&e) => {
+                log::debug!("worker {}: {peer_text}: client went away: {e}", self.name);
+            }
+            Ok(Err(e)) => log::warn!("worker {}: {peer_text}: handler error: {e}", self.name),
+            Err(_) => log::error!(
+                "worker {}: {peer_text}: handler panicked; connection closed",
+                self.name
+            ),
+        }
+        conn.close_gracefully(LINGER);
+        self.count();
+    }
+
+    fn serve_datagram(&self, socket: &WorkerSocket, buf: &mut [u8], reply: &mut Vec<u8>) {
+        let Some(handler) = &self.datagram else { return };
+        let received = match socket {
+            WorkerSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, Addr::Inet(a))),
+            WorkerSocket::UnixGram(s) => s.recv_from(buf).map(|(n, a)| (n, Addr::from_unix(a))),
+            _ => unreachable!("stream sockets are accepted, not read"),
+        };
+        let (n, peer) = match received {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::warn!("worker {}: recvfrom() failed: {e}", self.name);
+                return;
+            }
+        };
+        reply.clear();
+        let datagram = Datagram {
+            data: &buf[..n],
+            peer: &peer,
+            service: self.service,
+        };
+        match catch_unwind(AssertUnwindSafe(|| handler.handle(&datagram, reply))) {
+            Ok(Ok(true)) => {
+                let sent = match (socket, &peer) {
+                    (WorkerSocket::Udp(s), Addr::Inet(a)) => s.send_to(reply, a).map(drop),
+                    (WorkerSocket::UnixGram(s), Addr::Unix(Some(p))) => s.send_to(reply, p).map(drop),
+                    _ => {
+                        log::debug!("worker {}: {peer}: unnamed sender, no reply", self.name);
+                        Ok(())
+                    }
+                };
+                if let Err(e) = sent {
+                    log::debug!("worker {}: {peer}: sendto() failed: {e}", self.name);
+                }
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => log::warn!("worker {}: {peer}: handler error: {e}", self.name),
+            Err(_) => log::error!("worker {}: {peer}: handler panicked", self.name),
+        }
+        self.count();
+    }
+}
+
+/// Accepts one connection, nonblocking and close-on-exec.
+fn accept(socket: &WorkerSocket) -> io::Result<(Stream, Addr)> {
+    match socket {
+        WorkerSocket::Tcp(l) => {
+            let (s, peer) = l.accept()?;
+            s.set_nonblocking(true)?;
+            let _ = s.set_nodelay(true);
+            Ok((Stream::Tcp(s), Addr::Inet(peer)))
+        }
+        WorkerSocket::Unix(l) => {
+            let (s, peer) = l.accept()?;
+            s.set_nonblocking(true)?;
+            Ok((Stream::Unix(s), Addr::from_unix(peer)))
+        }
+        _ => unreachable!("datagram sockets are not accepted"),
+    }
+}
+
+/// EINVAL from accept(): the listener is no longer listening.
+fn is_listener_gone(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
+fn is_resource_limit(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Resets and broken pipes are the client's doing, not a handler fault.
+fn is_client_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+    )
+}
