@@ -1,0 +1,253 @@
+//! Test support: run the real `preforkd` binary in a temp dir, in its own
+//! process group that is SIGKILLed on drop (so a failing test never leaves a
+//! daemon behind), and wait for conditions with deadlines instead of sleeps.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The default deadline for anything a test waits for.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_preforkd"))
+}
+
+/// A running preforkd. Dropping it kills its whole process group.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// A fresh temp dir (short path, so Unix socket paths fit in 108 bytes).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("pfd")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+impl Daemon {
+    /// Writes `config` (with `{dir}` replaced by the temp dir) to
+    /// `preforkd.toml` and starts `preforkd -c` on it.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::start_bin(&bin(), config, &[])
+    }
+
+    /// The same with another binary (a test binary embedding preforkd) and
+    /// extra environment.
+    pub fn start_bin(bin: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempdir();
+        let path = dir.path().join("preforkd.toml");
+        fs::write(&path, config.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&path);
+        Daemon::spawn(cmd, dir, env)
+    }
+
+    /// Starts `cmd` (already given its arguments) in `dir`.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Daemon {
+        let log = dir.path().join("preforkd.log");
+        let err = fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(err.try_clone().unwrap())
+            .stderr(err)
+            .current_dir(dir.path())
+            .process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn preforkd");
+        Daemon {
+            child,
+            dir,
+            log,
+            exited: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Everything logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let text = wait_for(DEADLINE, || {
+            self.log_text()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(str::to_string)
+        });
+        text.unwrap_or_else(|| panic!("no log line with {needle:?}; log:\n{}", self.log_text()))
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until the first generation is ready.
+    pub fn wait_ready(&self) {
+        self.wait_log("INFO: ready: ");
+    }
+
+    /// The TCP (or UDP, with `scheme = "udp"`) address the service bound,
+    /// from its `listening on` log line (the tests bind port 0).
+    pub fn addr(&self, scheme: &str, service: &str) -> SocketAddr {
+        let tail = format!("(service {service})");
+        let line = self.wait_log(&format!("listening on {scheme}://"));
+        let line = self
+            .log_text()
+            .lines()
+            .find(|l| l.contains(&format!("listening on {scheme}://")) && l.ends_with(&tail))
+            .map(str::to_string)
+            .unwrap_or(line);
+        let start = line.find("://").unwrap() + 3;
+        let end = line.rfind(" (service").unwrap();
+        line[start..end].parse().unwrap()
+    }
+
+    /// The master's children (its workers), from /proc.
+    pub fn workers(&self) -> Vec<i32> {
+        children(self.pid())
+    }
+
+    /// Waits until the master has exactly `n` children, none a zombie.
+    pub fn wait_workers(&self, n: usize) -> Vec<i32> {
+        wait_for(DEADLINE, || {
+            let w = self.workers();
+            (w.len() == n && w.iter().all(|p| state(*p).is_some_and(|s| s != 'Z'))).then_some(w)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {n} workers, have {:?}; log:\n{}",
+                self.workers(),
+                self.log_text()
+            )
+        })
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the master to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let status = wait_for(timeout, || self.child.try_wait().unwrap());
+        let s = status.unwrap_or_else(|| panic!("preforkd did not exit; log:\n{}", self.log_text()));
+        self.exited = Some(s);
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // The whole group: master and workers, even if the master is gone.
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Children of `pid`, from /proc/PID/task/PID/children.
+pub fn children(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The state letter of a process (`R`, `S`, `Z`, ...), None if it is gone.
+pub fn state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Whether a process exists (zombies count as gone).
+pub fn alive(pid: i32) -> bool {
+    state(pid).is_some_and(|s| s != 'Z')
+}
+
+/// The process title: /proc/PID/cmdline up to the first NUL.
+pub fn title(pid: i32) -> String {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let first = raw.split(|b| *b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(first).into_owned()
+}
+
+/// Connects with a timeout on connect and on every read and write.
+pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// One echo exchange on a new connection; Err describes what went wrong.
+pub fn echo_once(addr: SocketAddr, payload: &[u8]) -> Result<(), String> {
+    let mut s = connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.write_all(payload).map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; payload.len()];
+    s.read_exact(&mut got).map_err(|e| format!("read: {e}"))?;
+    if got != payload {
+        return Err("mismatch".into());
+    }
+    Ok(())
+}
+
+/// Reads until EOF; Err on reset or timeout.
+pub fn read_to_eof(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// A minimal config of one service; `extra` goes into its [[service]] table.
+pub fn service(name: &str, listen: &[&str], plugin: &str, extra: &str) -> String {
+    let listen: Vec<String> = listen.iter().map(|l| format!("{l:?}")).collect();
+    format!(
+        "[[service]]\nname = {name:?}\nlisten = [{}]\n{extra}\n[service.handler]\nplugin = {plugin:?}\n",
+        listen.join(", ")
+    )
+}
+
+/// Whether `[::1]` can be bound here.
+pub fn have_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
