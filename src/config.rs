@@ -648,6 +648,19 @@ plugin = "echo"
     }
 
     #[test]
+    fn reference_config_is_valid_and_shows_the_defaults() {
+        let text = include_str!("../config/preforkd.toml");
+        let c = parse(text).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.workers, Workers::Auto);
+        assert_eq!((s.threads, s.max_requests, s.max_requests_jitter), (1, 0, 0));
+        assert_eq!((s.backlog, s.socket_mode), (1024, SocketMode::default()));
+        assert_eq!(s.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(s.ready_timeout, Duration::from_secs(30));
+        assert_eq!((c.log.target, c.log.level), (LogTarget::Stderr, LogLevel::Info));
+    }
+
+    #[test]
     fn print_config_round_trips() {
         let c = parse(GOOD).unwrap();
         let again = parse(&c.to_toml()).unwrap();
