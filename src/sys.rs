@@ -167,11 +167,13 @@ pub fn exit_with_parent(master: Pid) -> io::Result<bool> {
     Ok(nix::unistd::getppid() == master)
 }
 
-/// Closes every descriptor from 3 up, except those in `keep`: a worker must
-/// not hold the master's self-pipe, other workers' pipes or other services'
-/// sockets (a stopped service's socket must really close).
+/// Closes every descriptor from 3 up, except those in `keep` and the
+/// worker's own wake pipe: a worker must not hold the master's self-pipe,
+/// other workers' pipes or other services' sockets (a stopped service's
+/// socket must really close).
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 3).collect();
+    let wake = [WAKE_READ.load(Ordering::SeqCst), WAKE_WRITE.load(Ordering::SeqCst)];
+    let mut keep: Vec<RawFd> = keep.iter().chain(&wake).copied().filter(|fd| *fd >= 3).collect();
     keep.sort_unstable();
     keep.dedup();
     let mut first: RawFd = 3;

@@ -55,7 +55,6 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     }
     let mut keep: Vec<i32> = spec.listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     keep.push(spec.ready.as_raw_fd());
-    keep.push(sys::shutdown_fd().as_raw_fd());
     if let Err(e) = sys::close_fds_except(&keep) {
         log::error!("worker {name}: close_range() failed: {e}");
         return code::SETUP_ERROR;
@@ -102,6 +101,11 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     }
     if let Err(reason) = check_handlers(&handlers, &sockets, &spec.plugin.name) {
         return boot_failed(spec.ready, &reason);
+    }
+    for (socket, _) in &sockets {
+        if let Err(e) = socket.prepare_for_connections() {
+            return boot_failed(spec.ready, &format!("cannot set socket options: {e}"));
+        }
     }
     // Tell the master we are ready; closing the pipe ends the message.
     let mut ready = std::fs::File::from(spec.ready);
@@ -344,14 +348,15 @@ fn accept(socket: &WorkerSocket) -> io::Result<(Stream, Addr)> {
     match socket {
         WorkerSocket::Tcp(l) => {
             let (s, peer) = l.accept()?;
-            s.set_nonblocking(true)?;
-            let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), Addr::Inet(peer)))
+            let s = Stream::Tcp(s);
+            s.prepare()?;
+            Ok((s, Addr::Inet(peer)))
         }
         WorkerSocket::Unix(l) => {
             let (s, peer) = l.accept()?;
-            s.set_nonblocking(true)?;
-            Ok((Stream::Unix(s), Addr::from_unix(peer)))
+            let s = Stream::Unix(s);
+            s.prepare()?;
+            Ok((s, Addr::from_unix(peer)))
         }
         _ => unreachable!("datagram sockets are not accepted"),
     }

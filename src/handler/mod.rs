@@ -17,8 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-
 use crate::sys;
 
 mod chargen;
@@ -180,39 +178,53 @@ pub(crate) enum Stream {
     Unix(UnixStream),
 }
 
+/// How often a blocked read or write on a connection wakes up to look at
+/// the shutdown flag (the socket's SO_RCVTIMEO / SO_SNDTIMEO). The thread
+/// that receives SIGTERM is interrupted at once (EINTR); the others notice
+/// within one tick. A blocking read costs one syscall per request, where
+/// poll-then-read costs two.
+pub const TICK: Duration = Duration::from_millis(200);
+
 impl Stream {
-    fn io(&self) -> &dyn StreamIo {
+    /// Makes the socket blocking with [`TICK`] timeouts. TCP connections
+    /// inherit these from their listener (set in the worker), Unix ones do not.
+    pub(crate) fn prepare(&self) -> io::Result<()> {
+        let s = socket2::SockRef::from(self);
+        if let Stream::Unix(_) = self {
+            s.set_read_timeout(Some(TICK))?;
+            s.set_write_timeout(Some(TICK))?;
+        }
+        Ok(())
+    }
+
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s,
-            Stream::Unix(s) => s,
+            Stream::Tcp(s) => (&mut &*s).read(buf),
+            Stream::Unix(s) => (&mut &*s).read(buf),
+        }
+    }
+
+    /// Reads only what has already arrived: WouldBlock if nothing has.
+    fn read_pending(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = self.as_fd().as_raw_fd();
+        nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    }
+
+    fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&mut &*s).write(buf),
+            Stream::Unix(s) => (&mut &*s).write(buf),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
         }
     }
 }
-
-/// The operations both stream types share, as one object.
-trait StreamIo {
-    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn write_some(&self, buf: &[u8]) -> io::Result<usize>;
-    fn shutdown_write(&self) -> io::Result<()>;
-}
-
-macro_rules! stream_io {
-    ($t:ty) => {
-        impl StreamIo for $t {
-            fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
-                (&mut &*self).read(buf)
-            }
-            fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
-                (&mut &*self).write(buf)
-            }
-            fn shutdown_write(&self) -> io::Result<()> {
-                self.shutdown(Shutdown::Write)
-            }
-        }
-    };
-}
-stream_io!(TcpStream);
-stream_io!(UnixStream);
 
 impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -221,6 +233,15 @@ impl AsFd for Stream {
             Stream::Unix(s) => s.as_fd(),
         }
     }
+}
+
+/// A tick passed (SO_RCVTIMEO/SO_SNDTIMEO) or a signal interrupted the call:
+/// look at the shutdown flag and try again.
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 /// What [`Connection::recv`] found.
@@ -244,9 +265,7 @@ pub enum Sent {
     Shutdown,
 }
 
-/// One accepted stream connection, as a handler sees it. The socket is
-/// nonblocking underneath; the methods wait with poll(2) on the socket and,
-/// where they say so, on the worker's shutdown signal.
+/// One accepted stream connection, as a handler sees it.
 pub struct Connection<'a> {
     stream: Stream,
     peer: Addr,
@@ -291,20 +310,18 @@ impl<'a> Connection<'a> {
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
         loop {
             let stopping = sys::shutdown_requested();
-            if !stopping && !self.wait(PollFlags::POLLIN, true)? {
-                continue; // woken by the shutdown signal: look again
-            }
-            match self.stream.io().read_some(buf) {
+            let read = if stopping {
+                self.stream.read_pending(buf)
+            } else {
+                self.stream.read_some(buf)
+            };
+            match read {
                 Ok(0) => return Ok(Recv::Eof),
                 Ok(n) => return Ok(Recv::Data(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && stopping => {
+                Err(e) if stopping && e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(Recv::Shutdown);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if is_tick(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -317,12 +334,9 @@ impl<'a> Connection<'a> {
             if sys::shutdown_requested() {
                 return Ok(Sent::Shutdown);
             }
-            match self.stream.io().write_some(buf) {
+            match self.stream.write_some(buf) {
                 Ok(n) => return Ok(Sent::Bytes(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(PollFlags::POLLOUT, true)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_tick(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -333,7 +347,7 @@ impl<'a> Connection<'a> {
     pub fn discard_input(&mut self) -> io::Result<()> {
         let mut buf = [0u8; 4096];
         loop {
-            match self.stream.io().read_some(&mut buf) {
+            match self.stream.read_pending(&mut buf) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -343,55 +357,24 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Waits for `events` on the socket (and, if `wake`, the shutdown signal).
-    /// Returns true if the socket is ready.
-    fn wait(&self, events: PollFlags, wake: bool) -> io::Result<bool> {
-        self.wait_until(events, wake, None)
-    }
-
-    fn wait_until(&self, events: PollFlags, wake: bool, deadline: Option<Instant>) -> io::Result<bool> {
-        let mut fds = [
-            PollFd::new(self.stream.as_fd(), events),
-            PollFd::new(sys::shutdown_fd(), PollFlags::POLLIN),
-        ];
-        let n = if wake { 2 } else { 1 };
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-        };
-        match poll(&mut fds[..n], timeout) {
-            Ok(_) => Ok(fds[0].any().unwrap_or(false)),
-            Err(nix::errno::Errno::EINTR) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Closes the connection cleanly: FIN first, then read and discard what
     /// the client still sends until it closes or `linger` passes, so that
     /// unread input never turns the close into a reset.
     pub(crate) fn close_gracefully(self, linger: Duration) {
-        if self.stream.io().shutdown_write().is_err() {
+        if self.stream.shutdown_write().is_err() {
             return; // already gone
         }
         let deadline = Instant::now() + linger;
         let mut buf = [0u8; 4096];
         loop {
-            match self.stream.io().read_some(&mut buf) {
+            match self.stream.read_some(&mut buf) {
                 Ok(0) => return,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline
-                        || !matches!(self.wait_until(PollFlags::POLLIN, false, Some(deadline)), Ok(true))
-                    {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(_) => {}
+                Err(e) if is_tick(&e) => {}
                 Err(_) => return,
+            }
+            if Instant::now() >= deadline {
+                return;
             }
         }
     }
@@ -402,10 +385,8 @@ impl<'a> Connection<'a> {
 impl Read for Connection<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.stream.io().read_some(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(PollFlags::POLLIN, false)?;
-                }
+            match self.stream.read_some(buf) {
+                Err(e) if is_tick(&e) => {}
                 other => return other,
             }
         }
@@ -417,10 +398,8 @@ impl Read for Connection<'_> {
 impl Write for Connection<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match self.stream.io().write_some(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(PollFlags::POLLOUT, false)?;
-                }
+            match self.stream.write_some(buf) {
+                Err(e) if is_tick(&e) => {}
                 other => return other,
             }
         }
