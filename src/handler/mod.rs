@@ -208,7 +208,8 @@ impl Stream {
     fn read_pending(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let fd = self.as_fd().as_raw_fd();
-        nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+        nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            .map_err(io::Error::from)
     }
 
     fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
@@ -271,6 +272,8 @@ pub struct Connection<'a> {
     peer: Addr,
     local: Addr,
     service: &'a str,
+    /// The client has closed its side (a read returned 0).
+    eof: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -280,6 +283,7 @@ impl<'a> Connection<'a> {
             peer,
             local,
             service,
+            eof: false,
         }
     }
 
@@ -308,6 +312,12 @@ impl<'a> Connection<'a> {
     /// is returned even when stopping, so every byte the client sent before
     /// the stop can be answered.
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
+        if buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "recv() needs a non-empty buffer",
+            ));
+        }
         loop {
             let stopping = sys::shutdown_requested();
             let read = if stopping {
@@ -316,7 +326,10 @@ impl<'a> Connection<'a> {
                 self.stream.read_some(buf)
             };
             match read {
-                Ok(0) => return Ok(Recv::Eof),
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(Recv::Eof);
+                }
                 Ok(n) => return Ok(Recv::Data(n)),
                 Err(e) if stopping && e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(Recv::Shutdown);
@@ -361,6 +374,11 @@ impl<'a> Connection<'a> {
     /// the client still sends until it closes or `linger` passes, so that
     /// unread input never turns the close into a reset.
     pub(crate) fn close_gracefully(self, linger: Duration) {
+        if self.eof {
+            // The client closed first and nothing of its input is unread:
+            // close(2) sends our FIN, with nothing to drain.
+            return;
+        }
         if self.stream.shutdown_write().is_err() {
             return; // already gone
         }
@@ -387,6 +405,10 @@ impl Read for Connection<'_> {
         loop {
             match self.stream.read_some(buf) {
                 Err(e) if is_tick(&e) => {}
+                Ok(0) if !buf.is_empty() => {
+                    self.eof = true;
+                    return Ok(0);
+                }
                 other => return other,
             }
         }
