@@ -50,7 +50,11 @@ pub fn main_with(registry: Registry) -> ! {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { code::USAGE } else { code::OK });
+            std::process::exit(if e.use_stderr() {
+                code::USAGE
+            } else {
+                code::OK
+            });
         }
     };
     std::process::exit(run(cli, &registry))

@@ -524,7 +524,10 @@ impl Config {
 
     /// Checks what serde cannot see: uniqueness across services, non-empty
     /// lists, plugin names. Returns the span of the offending value.
-    fn validate_mut(&mut self, registry: &Registry) -> Result<(), (std::ops::Range<usize>, String)> {
+    fn validate_mut(
+        &mut self,
+        registry: &Registry,
+    ) -> Result<(), (std::ops::Range<usize>, String)> {
         for svc in &mut self.services {
             svc.addrs = svc
                 .listen
@@ -558,7 +561,9 @@ impl Config {
                 {
                     return Err((
                         written.span(),
-                        format!("duplicate listen address {addr}: already used by service {other:?}"),
+                        format!(
+                            "duplicate listen address {addr}: already used by service {other:?}"
+                        ),
                     ));
                 }
             }
@@ -644,7 +649,10 @@ plugin = "echo"
         let s = &c.services[0];
         assert_eq!(s.handler.plugin.get_ref(), "echo");
         assert_eq!(s.workers.resolve(), 2);
-        assert_eq!(s.addrs, vec![ListenAddr::Tcp("127.0.0.1:8009".parse().unwrap())]);
+        assert_eq!(
+            s.addrs,
+            vec![ListenAddr::Tcp("127.0.0.1:8009".parse().unwrap())]
+        );
     }
 
     #[test]
@@ -653,11 +661,17 @@ plugin = "echo"
         let c = parse(text).unwrap();
         let s = &c.services[0];
         assert_eq!(s.workers, Workers::Auto);
-        assert_eq!((s.threads, s.max_requests, s.max_requests_jitter), (1, 0, 0));
+        assert_eq!(
+            (s.threads, s.max_requests, s.max_requests_jitter),
+            (1, 0, 0)
+        );
         assert_eq!((s.backlog, s.socket_mode), (1024, SocketMode::default()));
         assert_eq!(s.graceful_timeout, Duration::from_secs(30));
         assert_eq!(s.ready_timeout, Duration::from_secs(30));
-        assert_eq!((c.log.target, c.log.level), (LogTarget::Stderr, LogLevel::Info));
+        assert_eq!(
+            (c.log.target, c.log.level),
+            (LogTarget::Stderr, LogLevel::Info)
+        );
     }
 
     #[test]
@@ -673,20 +687,28 @@ plugin = "echo"
 
     #[test]
     fn unknown_key_is_located() {
-        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nwrokers = 2\n[service.handler]\nplugin = \"echo\"\n");
+        let e = err(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nwrokers = 2\n[service.handler]\nplugin = \"echo\"\n",
+        );
         assert!(e.starts_with("t.toml:4:1: unknown field `wrokers`"), "{e}");
     }
 
     #[test]
     fn zero_workers() {
-        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nworkers = 0\n[service.handler]\nplugin = \"echo\"\n");
+        let e = err(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nworkers = 0\n[service.handler]\nplugin = \"echo\"\n",
+        );
         assert!(e.starts_with("t.toml:4:11: workers = 0"), "{e}");
     }
 
     #[test]
     fn empty_listen() {
-        let e = err("[[service]]\nname = \"a\"\nlisten = []\n[service.handler]\nplugin = \"echo\"\n");
-        assert!(e.starts_with("t.toml:3:10: service \"a\": listen is empty"), "{e}");
+        let e =
+            err("[[service]]\nname = \"a\"\nlisten = []\n[service.handler]\nplugin = \"echo\"\n");
+        assert!(
+            e.starts_with("t.toml:3:10: service \"a\": listen is empty"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -698,28 +720,48 @@ plugin = "echo"
             )
         };
         let e = err(&two("a", "tcp://127.0.0.1:8"));
-        assert!(e.starts_with("t.toml:7:8: duplicate service name \"a\""), "{e}");
+        assert!(
+            e.starts_with("t.toml:7:8: duplicate service name \"a\""),
+            "{e}"
+        );
         let e = err(&two("b", "tcp://127.0.0.1:7"));
-        assert!(e.starts_with("t.toml:8:11: duplicate listen address tcp://127.0.0.1:7"), "{e}");
+        assert!(
+            e.starts_with("t.toml:8:11: duplicate listen address tcp://127.0.0.1:7"),
+            "{e}"
+        );
         // Port 0 twice is two different kernel-chosen ports.
         parse(&two("b", "tcp://127.0.0.1:0").replace(":7\"", ":0\"")).unwrap();
     }
 
     #[test]
     fn unknown_plugin_lists_known_ones() {
-        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n[service.handler]\nplugin = \"ehco\"\n");
-        assert!(e.starts_with("t.toml:5:10: unknown plugin \"ehco\": expected one of"), "{e}");
+        let e = err(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n[service.handler]\nplugin = \"ehco\"\n",
+        );
+        assert!(
+            e.starts_with("t.toml:5:10: unknown plugin \"ehco\": expected one of"),
+            "{e}"
+        );
         assert!(e.contains("chargen, daytime, discard, echo"), "{e}");
     }
 
     #[test]
     fn bad_addresses_and_durations() {
-        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://localhost:1\"]\n[service.handler]\nplugin = \"echo\"\n");
+        let e = err(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://localhost:1\"]\n[service.handler]\nplugin = \"echo\"\n",
+        );
         assert!(e.starts_with("t.toml:3:11: invalid listen address"), "{e}");
-        let e = err("[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\ngraceful_timeout = \"soon\"\n[service.handler]\nplugin = \"echo\"\n");
-        assert!(e.starts_with("t.toml:4:20: invalid duration \"soon\""), "{e}");
+        let e = err(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\ngraceful_timeout = \"soon\"\n[service.handler]\nplugin = \"echo\"\n",
+        );
+        assert!(
+            e.starts_with("t.toml:4:20: invalid duration \"soon\""),
+            "{e}"
+        );
         let long = format!("unix:/{}", "x".repeat(120));
-        let e = err(&format!("[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"));
+        let e = err(&format!(
+            "[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"
+        ));
         assert!(e.contains("at most 107 bytes"), "{e}");
     }
 
@@ -739,10 +781,18 @@ plugin = "echo"
     #[test]
     fn socket_mode_forms() {
         let with = |m: &str| {
-            parse(&format!("[[service]]\nname = \"a\"\nlisten = [\"unix:/tmp/a\"]\nsocket_mode = {m}\n[service.handler]\nplugin = \"echo\"\n"))
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nlisten = [\"unix:/tmp/a\"]\nsocket_mode = {m}\n[service.handler]\nplugin = \"echo\"\n"
+            ))
         };
-        assert_eq!(with("\"0600\"").unwrap().services[0].socket_mode, SocketMode(0o600));
-        assert_eq!(with("0o640").unwrap().services[0].socket_mode, SocketMode(0o640));
+        assert_eq!(
+            with("\"0600\"").unwrap().services[0].socket_mode,
+            SocketMode(0o600)
+        );
+        assert_eq!(
+            with("0o640").unwrap().services[0].socket_mode,
+            SocketMode(0o640)
+        );
         assert!(with("\"999\"").is_err());
     }
 

@@ -71,7 +71,11 @@ impl fmt::Display for ChildExit {
                 write!(f, "exited with status {} (boot error)", worker::BOOT_ERROR)
             }
             ChildExit::Exited(worker::SETUP_ERROR) => {
-                write!(f, "exited with status {} (setup error)", worker::SETUP_ERROR)
+                write!(
+                    f,
+                    "exited with status {} (setup error)",
+                    worker::SETUP_ERROR
+                )
             }
             ChildExit::Exited(worker::ORPHANED) => {
                 write!(f, "exited with status {} (master gone)", worker::ORPHANED)
@@ -99,10 +103,12 @@ mod tests {
         let (p, e) = ChildExit::from_wait(WaitStatus::Exited(pid, 3)).unwrap();
         assert_eq!(p, pid);
         assert_eq!(e.to_string(), "exited with status 3 (boot error)");
-        let (_, e) = ChildExit::from_wait(WaitStatus::Signaled(pid, Signal::SIGKILL, false)).unwrap();
+        let (_, e) =
+            ChildExit::from_wait(WaitStatus::Signaled(pid, Signal::SIGKILL, false)).unwrap();
         assert_eq!(e.to_string(), "killed by signal SIGKILL");
         assert!(!e.is_clean());
-        let (_, e) = ChildExit::from_wait(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)).unwrap();
+        let (_, e) =
+            ChildExit::from_wait(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)).unwrap();
         assert_eq!(e.to_string(), "killed by signal SIGSEGV (core dumped)");
         assert!(ChildExit::from_wait(WaitStatus::StillAlive).is_none());
         assert!(ChildExit::Exited(0).is_clean());

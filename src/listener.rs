@@ -39,9 +39,7 @@ pub enum ListenError {
         path: PathBuf,
     },
     /// The Unix socket path exists and is not a socket.
-    #[error(
-        "cannot listen on {addr}: {path} exists and is not a socket; refusing to remove it"
-    )]
+    #[error("cannot listen on {addr}: {path} exists and is not a socket; refusing to remove it")]
     NotASocket {
         /// The configured address.
         addr: ListenAddr,
@@ -67,7 +65,11 @@ impl Listener {
     /// Binds `addr`. Stream sockets listen with `backlog`; Unix socket files
     /// get `mode`. The socket is close-on-exec and nonblocking (workers poll,
     /// then accept; another worker may win the race).
-    pub fn bind(addr: &ListenAddr, backlog: i32, mode: SocketMode) -> Result<Listener, ListenError> {
+    pub fn bind(
+        addr: &ListenAddr,
+        backlog: i32,
+        mode: SocketMode,
+    ) -> Result<Listener, ListenError> {
         let sys = |syscall: &'static str| {
             let addr = addr.clone();
             move |source: io::Error| ListenError::Sys {
@@ -80,9 +82,12 @@ impl Listener {
             ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) => {
                 let stream = matches!(addr, ListenAddr::Tcp(_));
                 let ty = if stream { Type::STREAM } else { Type::DGRAM };
-                let socket = Socket::new(Domain::for_address(*sa), ty, None).map_err(sys("socket"))?;
+                let socket =
+                    Socket::new(Domain::for_address(*sa), ty, None).map_err(sys("socket"))?;
                 if sa.is_ipv6() {
-                    socket.set_only_v6(true).map_err(sys("setsockopt(IPV6_V6ONLY)"))?;
+                    socket
+                        .set_only_v6(true)
+                        .map_err(sys("setsockopt(IPV6_V6ONLY)"))?;
                 }
                 if stream {
                     socket
@@ -93,7 +98,9 @@ impl Listener {
                 if stream {
                     socket.listen(backlog).map_err(sys("listen"))?;
                 }
-                socket.set_nonblocking(true).map_err(sys("fcntl(O_NONBLOCK)"))?;
+                socket
+                    .set_nonblocking(true)
+                    .map_err(sys("fcntl(O_NONBLOCK)"))?;
                 let local = socket
                     .local_addr()
                     .map_err(sys("getsockname"))?
@@ -173,7 +180,10 @@ impl Listener {
     pub fn stop_accepting(&self) {
         if self.addr.is_stream() {
             // Errors are of no consequence: the socket is closed right after.
-            let _ = nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+            let _ = nix::sys::socket::shutdown(
+                self.socket.as_raw_fd(),
+                nix::sys::socket::Shutdown::Read,
+            );
         }
     }
 

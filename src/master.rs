@@ -362,7 +362,9 @@ impl Master {
 
     /// Reads a worker's ready message (`ready` or `error: REASON`).
     fn read_ready(&mut self, pid: Pid) {
-        let Some(child) = self.children.get_mut(&pid) else { return };
+        let Some(child) = self.children.get_mut(&pid) else {
+            return;
+        };
         read_message(child);
         if child.ready {
             log::info!("worker {} (pid {pid}) ready", child.name);
@@ -375,7 +377,10 @@ impl Master {
         if self.boot_failure.is_some() {
             return;
         }
-        let service = worker.rsplit_once('#').map_or(worker, |(s, _)| s).to_string();
+        let service = worker
+            .rsplit_once('#')
+            .map_or(worker, |(s, _)| s)
+            .to_string();
         log::error!("service {service}: worker {worker} failed to boot: {reason}; stopping");
         self.boot_failure = Some(MasterError::Boot { service, reason });
         self.begin_stop(false);
@@ -441,11 +446,18 @@ impl Master {
     fn grow(&mut self, p: usize) {
         let pool = &mut self.pools[p];
         if pool.slots.len() >= 4096 {
-            log::warn!("SIGTTIN: service {} is at 4096 workers already", pool.name());
+            log::warn!(
+                "SIGTTIN: service {} is at 4096 workers already",
+                pool.name()
+            );
             return;
         }
         pool.slots.push(Slot::default());
-        log::info!("SIGTTIN: service {} now has {} workers", pool.name(), pool.slots.len());
+        log::info!(
+            "SIGTTIN: service {} now has {} workers",
+            pool.name(),
+            pool.slots.len()
+        );
     }
 
     /// SIGTTOU: one slot fewer; its worker leaves gracefully.
@@ -456,7 +468,11 @@ impl Master {
             return;
         }
         let slot = pool.slots.pop().expect("more than one slot");
-        log::info!("SIGTTOU: service {} now has {} workers", pool.name(), pool.slots.len());
+        log::info!(
+            "SIGTTOU: service {} now has {} workers",
+            pool.name(),
+            pool.slots.len()
+        );
         if let Some(pid) = slot.pid {
             if let Some(child) = self.children.get_mut(&pid) {
                 child.slot = None;
@@ -468,7 +484,9 @@ impl Master {
     /// Asks a worker to stop (SIGTERM: drain; SIGQUIT: now) and sets the
     /// time at which it is killed.
     fn stop_child(&mut self, pid: Pid, sig: Signal) {
-        let Some(child) = self.children.get_mut(&pid) else { return };
+        let Some(child) = self.children.get_mut(&pid) else {
+            return;
+        };
         let grace = if sig == Signal::SIGTERM {
             self.pools[child.pool].config.graceful_timeout
         } else {
@@ -491,7 +509,11 @@ impl Master {
             _ => {}
         }
         self.phase = Phase::Stopping { fast };
-        let sig = if fast { Signal::SIGQUIT } else { Signal::SIGTERM };
+        let sig = if fast {
+            Signal::SIGQUIT
+        } else {
+            Signal::SIGTERM
+        };
         let pids: Vec<Pid> = self.children.keys().copied().collect();
         for pid in pids {
             self.stop_child(pid, sig);
@@ -533,7 +555,10 @@ impl Master {
                 if self.phase == Phase::Starting {
                     late_start = Some((
                         child.name.clone(),
-                        format!("not ready within ready_timeout ({})", humantime::format_duration(ready_timeout)),
+                        format!(
+                            "not ready within ready_timeout ({})",
+                            humantime::format_duration(ready_timeout)
+                        ),
                     ));
                 }
             }
@@ -581,8 +606,9 @@ impl Master {
                 // Never return into the master's loop: exit here, without
                 // running the master's destructors (its descriptors are not
                 // ours to close twice).
-                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker::run(spec)))
-                    .unwrap_or(code::SOFTWARE);
+                let code =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker::run(spec)))
+                        .unwrap_or(code::SOFTWARE);
                 std::process::exit(code);
             }
             Forked::Parent(pid) => {
@@ -625,7 +651,9 @@ impl Master {
 
 /// Reads what a worker wrote to its ready pipe; closes the pipe at EOF.
 fn read_message(child: &mut Child) {
-    let Some(pipe) = child.ready_pipe.take() else { return };
+    let Some(pipe) = child.ready_pipe.take() else {
+        return;
+    };
     let mut file = std::fs::File::from(pipe);
     let mut buf = [0u8; 4096];
     let n = match file.read(&mut buf) {

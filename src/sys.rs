@@ -36,7 +36,11 @@ pub enum Forked {
 /// instead of running the master's handler in the child and being lost.
 pub fn fork() -> io::Result<Forked> {
     let mut old = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+    nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )?;
     // SAFETY: the master has exactly one thread (rule 1, checked at start), so
     // the child may run arbitrary code, allocate and take locks after fork.
     let forked = unsafe { nix::unistd::fork() };
@@ -172,14 +176,26 @@ pub fn exit_with_parent(master: Pid) -> io::Result<bool> {
 /// other workers' pipes or other services' sockets (a stopped service's
 /// socket must really close).
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let wake = [WAKE_READ.load(Ordering::SeqCst), WAKE_WRITE.load(Ordering::SeqCst)];
-    let mut keep: Vec<RawFd> = keep.iter().chain(&wake).copied().filter(|fd| *fd >= 3).collect();
+    let wake = [
+        WAKE_READ.load(Ordering::SeqCst),
+        WAKE_WRITE.load(Ordering::SeqCst),
+    ];
+    let mut keep: Vec<RawFd> = keep
+        .iter()
+        .chain(&wake)
+        .copied()
+        .filter(|fd| *fd >= 3)
+        .collect();
     keep.sort_unstable();
     keep.dedup();
     let mut first: RawFd = 3;
     for &k in keep.iter().chain(std::iter::once(&RawFd::MAX)) {
         if k > first {
-            let last = if k == RawFd::MAX { u32::MAX } else { (k - 1) as u32 };
+            let last = if k == RawFd::MAX {
+                u32::MAX
+            } else {
+                (k - 1) as u32
+            };
             // SAFETY: the caller owns every descriptor of this freshly forked
             // process; those in the range are the master's and are never used
             // (nor closed again) by the worker, which exits without dropping

@@ -53,7 +53,11 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         log::error!("worker {name}: cannot set up signals: {e}");
         return code::SETUP_ERROR;
     }
-    let mut keep: Vec<i32> = spec.listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let mut keep: Vec<i32> = spec
+        .listeners
+        .iter()
+        .map(|(_, fd)| fd.as_raw_fd())
+        .collect();
     keep.push(spec.ready.as_raw_fd());
     if let Err(e) = sys::close_fds_except(&keep) {
         log::error!("worker {name}: close_range() failed: {e}");
@@ -139,7 +143,11 @@ fn boot_failed(ready: OwnedFd, reason: &str) -> i32 {
 }
 
 /// A plugin must have built a handler for every kind of socket it listens on.
-fn check_handlers(h: &Handlers, sockets: &[(WorkerSocket, Addr)], plugin: &str) -> Result<(), String> {
+fn check_handlers(
+    h: &Handlers,
+    sockets: &[(WorkerSocket, Addr)],
+    plugin: &str,
+) -> Result<(), String> {
     for (s, _) in sockets {
         let stream = matches!(s, WorkerSocket::Tcp(_) | WorkerSocket::Unix(_));
         if stream && h.stream.is_none() {
@@ -206,7 +214,10 @@ impl Worker<'_> {
 
     fn try_accept_loop(&self) -> io::Result<()> {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        ep.add(sys::shutdown_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
+        ep.add(
+            sys::shutdown_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE),
+        )?;
         let mut open: Vec<bool> = vec![true; self.sockets.len()];
         let mut registered = false;
         let mut events = [EpollEvent::empty(); 4];
@@ -301,7 +312,9 @@ impl Worker<'_> {
     }
 
     fn serve_datagram(&self, socket: &WorkerSocket, buf: &mut [u8], reply: &mut Vec<u8>) {
-        let Some(handler) = &self.datagram else { return };
+        let Some(handler) = &self.datagram else {
+            return;
+        };
         let received = match socket {
             WorkerSocket::Udp(s) => s.recv_from(buf).map(|(n, a)| (n, Addr::Inet(a))),
             WorkerSocket::UnixGram(s) => s.recv_from(buf).map(|(n, a)| (n, Addr::from_unix(a))),
@@ -325,7 +338,9 @@ impl Worker<'_> {
             Ok(Ok(true)) => {
                 let sent = match (socket, &peer) {
                     (WorkerSocket::Udp(s), Addr::Inet(a)) => s.send_to(reply, a).map(drop),
-                    (WorkerSocket::UnixGram(s), Addr::Unix(Some(p))) => s.send_to(reply, p).map(drop),
+                    (WorkerSocket::UnixGram(s), Addr::Unix(Some(p))) => {
+                        s.send_to(reply, p).map(drop)
+                    }
                     _ => {
                         log::debug!("worker {}: {peer}: unnamed sender, no reply", self.name);
                         Ok(())
@@ -378,6 +393,8 @@ fn is_resource_limit(e: &io::Error) -> bool {
 fn is_client_gone(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
     )
 }

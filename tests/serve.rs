@@ -35,7 +35,11 @@ fn echo_over_tcp_udp_unix_and_unixgram() {
         .log_text()
         .lines()
         .find(|l| l.contains("listening on udp://127.0.0.1"))
-        .map(|l| l[l.find("://").unwrap() + 3..l.rfind(" (service").unwrap()].parse().unwrap())
+        .map(|l| {
+            l[l.find("://").unwrap() + 3..l.rfind(" (service").unwrap()]
+                .parse()
+                .unwrap()
+        })
         .unwrap();
     udp_echo(udp4, "127.0.0.1:0");
 
@@ -50,7 +54,8 @@ fn echo_over_tcp_udp_unix_and_unixgram() {
     let client = d.path("client.dgram");
     let g = UnixDatagram::bind(&client).unwrap();
     g.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    g.send_to(b"hello over unixgram", d.path("echo.dgram")).unwrap();
+    g.send_to(b"hello over unixgram", d.path("echo.dgram"))
+        .unwrap();
     let mut buf = [0u8; 64];
     let n = g.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"hello over unixgram");
@@ -62,7 +67,9 @@ fn echo_over_tcp_udp_unix_and_unixgram() {
                 .lines()
                 .find(|l| l.contains(&format!("listening on {scheme}://[::1]")))
                 .unwrap();
-            l[l.find("://").unwrap() + 3..l.rfind(" (service").unwrap()].parse().unwrap()
+            l[l.find("://").unwrap() + 3..l.rfind(" (service").unwrap()]
+                .parse()
+                .unwrap()
         };
         echo_once(find("tcp"), b"hello over tcp6").unwrap();
         udp_echo(find("udp"), "[::1]:0");
@@ -71,7 +78,8 @@ fn echo_over_tcp_udp_unix_and_unixgram() {
 
 fn udp_echo(to: std::net::SocketAddr, from: &str) {
     let s = UdpSocket::bind(from).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     // UDP may drop; retry a few times within the deadline.
     let got = wait_for(DEADLINE, || {
         s.send_to(b"hello over udp", to).ok()?;
@@ -85,9 +93,24 @@ fn udp_echo(to: std::net::SocketAddr, from: &str) {
 #[test]
 fn discard_daytime_chargen_per_rfc() {
     let config = [
-        service("discard", &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"], "discard", "workers = 1"),
-        service("daytime", &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"], "daytime", "workers = 1"),
-        service("chargen", &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"], "chargen", "workers = 1"),
+        service(
+            "discard",
+            &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
+            "discard",
+            "workers = 1",
+        ),
+        service(
+            "daytime",
+            &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
+            "daytime",
+            "workers = 1",
+        ),
+        service(
+            "chargen",
+            &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
+            "chargen",
+            "workers = 1",
+        ),
     ]
     .join("\n");
     let d = Daemon::start(&config);
@@ -99,8 +122,10 @@ fn discard_daytime_chargen_per_rfc() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut s).unwrap(), b"");
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    u.send_to(b"into the void", d.addr("udp", "discard")).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    u.send_to(b"into the void", d.addr("udp", "discard"))
+        .unwrap();
     assert!(u.recv(&mut [0u8; 16]).is_err(), "discard must not answer");
 
     // daytime (RFC 867): one line of date, then the server closes.
@@ -108,10 +133,16 @@ fn discard_daytime_chargen_per_rfc() {
     let line = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
     assert!(line.ends_with(" GMT\r\n"), "{line:?}");
     assert_eq!(line.lines().count(), 1);
-    let year = line.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap();
+    let year = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
     assert!((2024..3000).contains(&year), "{line:?}");
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let reply = wait_for(DEADLINE, || {
         u.send_to(b"?", d.addr("udp", "daytime")).ok()?;
         let mut buf = [0u8; 128];
@@ -133,7 +164,8 @@ fn discard_daytime_chargen_per_rfc() {
     }
     drop(s);
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let reply = wait_for(DEADLINE, || {
         u.send_to(b"?", d.addr("udp", "chargen")).ok()?;
         let mut buf = [0u8; 1024];
@@ -154,7 +186,12 @@ fn discard_daytime_chargen_per_rfc() {
 fn pool_size_and_titles_and_two_services() {
     let config = [
         service("alpha", &["tcp://127.0.0.1:0"], "echo", "workers = 3"),
-        service("beta", &["unix:{dir}/beta.sock"], "echo", "workers = 2\nthreads = 4"),
+        service(
+            "beta",
+            &["unix:{dir}/beta.sock"],
+            "echo",
+            "workers = 2\nthreads = 4",
+        ),
     ]
     .join("\n");
     let d = Daemon::start(&config);

@@ -100,7 +100,10 @@ impl Daemon {
 
     /// How many log lines contain `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
-        self.log_text().lines().filter(|l| l.contains(needle)).count()
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// Waits until the first generation is ready.
@@ -155,7 +158,8 @@ impl Daemon {
             return s;
         }
         let status = wait_for(timeout, || self.child.try_wait().unwrap());
-        let s = status.unwrap_or_else(|| panic!("preforkd did not exit; log:\n{}", self.log_text()));
+        let s =
+            status.unwrap_or_else(|| panic!("preforkd did not exit; log:\n{}", self.log_text()));
         self.exited = Some(s);
         s
     }
