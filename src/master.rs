@@ -33,7 +33,9 @@ use crate::signals::{Event, Signals};
 use crate::sys::{self, Forked};
 use crate::worker::{self, WorkerSpec};
 
-/// A worker that lives shorter than this is a failed start: its slot backs off.
+/// A worker that fails (is killed, or exits non-zero) sooner than this after
+/// it was spawned is a failed start: its slot backs off. A clean exit (status
+/// 0: recycled after `max_requests`, or asked to stop) never is.
 pub const MIN_HEALTHY_LIFETIME: Duration = Duration::from_secs(1);
 /// First delay before restarting a slot whose workers keep failing.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -100,7 +102,7 @@ pub enum Phase {
 struct Slot {
     /// The worker filling the slot, if any.
     pid: Option<Pid>,
-    /// Consecutive failed starts (died before ready or within
+    /// Consecutive failed starts (died before ready, or failed within
     /// MIN_HEALTHY_LIFETIME).
     failures: u32,
     /// When to start the next worker; None: as soon as possible.
@@ -344,7 +346,7 @@ impl Master {
         let pool = &mut self.pools[child.pool];
         let slot = &mut pool.slots[slot_idx];
         slot.pid = None;
-        if !child.ready || child.started.elapsed() < MIN_HEALTHY_LIFETIME {
+        if !child.ready || (!exit.is_clean() && child.started.elapsed() < MIN_HEALTHY_LIFETIME) {
             slot.failures += 1;
             let delay = backoff(slot.failures);
             slot.respawn_at = Some(Instant::now() + delay);
@@ -411,7 +413,12 @@ impl Master {
         match event {
             Event::Child => {} // reaped on every wake-up anyway
             Event::Interrupt | Event::Quit => {
-                log::info!("{event:?}: fast stop");
+                let name = if event == Event::Quit {
+                    "SIGQUIT"
+                } else {
+                    "SIGINT"
+                };
+                log::info!("{name}: fast stop");
                 self.begin_stop(true);
             }
             Event::Terminate => {

@@ -10,7 +10,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -130,8 +130,13 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         datagram: handlers.datagram,
         served: AtomicU64::new(0),
         budget,
+        failed: AtomicBool::new(false),
     };
     worker.serve(spec.service.threads, spec.service.graceful_timeout);
+    if worker.failed.load(Ordering::SeqCst) {
+        // Not a clean exit: the master backs off instead of respawning at once.
+        return code::SETUP_ERROR;
+    }
     code::OK
 }
 
@@ -171,6 +176,8 @@ struct Worker<'a> {
     served: AtomicU64,
     /// Stop after this many (`max_requests` + jitter); u64::MAX: never.
     budget: u64,
+    /// An accept loop failed (epoll): the worker stops, and not cleanly.
+    failed: AtomicBool,
 }
 
 /// Epoll token of the shutdown pipe.
@@ -208,6 +215,7 @@ impl Worker<'_> {
     fn accept_loop(&self) {
         if let Err(e) = self.try_accept_loop() {
             log::error!("worker {}: accept loop failed: {e}; stopping", self.name);
+            self.failed.store(true, Ordering::SeqCst);
             sys::request_shutdown();
         }
     }

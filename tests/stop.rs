@@ -1,0 +1,214 @@
+//! Stopping: SIGTERM drains (new connections refused, every accepted
+//! connection finished with a FIN, exit 0 long before `graceful_timeout`),
+//! SIGINT and SIGQUIT stop fast, and every stop removes the Unix socket files
+//! and the pid file.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// An echo service on TCP and a Unix socket, with a pid file.
+fn start(extra: &str) -> (Daemon, SocketAddr) {
+    let config = format!(
+        "[daemon]\npid_file = \"{{dir}}/preforkd.pid\"\n\n{}",
+        service(
+            "echo",
+            &["tcp://127.0.0.1:0", "unix:{dir}/echo.sock"],
+            "echo",
+            extra
+        )
+    );
+    let d = Daemon::start(&config);
+    d.wait_ready();
+    let addr = d.addr("tcp", "echo");
+    d.wait_workers(2);
+    // The files the stop must remove are there to begin with.
+    let pid = std::fs::read_to_string(d.path("preforkd.pid")).unwrap();
+    assert_eq!(pid.trim(), d.pid().to_string());
+    let sock = std::fs::symlink_metadata(d.path("echo.sock")).unwrap();
+    assert!(sock.file_type().is_socket());
+    (d, addr)
+}
+
+fn assert_files_removed(d: &Daemon) {
+    for f in ["echo.sock", "preforkd.pid"] {
+        assert!(
+            std::fs::symlink_metadata(d.path(f)).is_err(),
+            "{f} is still there after the stop; log:\n{}",
+            d.log_text()
+        );
+    }
+}
+
+/// Bytes waiting in a socket's receive buffer (FIONREAD), without reading.
+fn pending(s: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(
+        rc,
+        0,
+        "ioctl(FIONREAD): {}",
+        std::io::Error::last_os_error()
+    );
+    n as usize
+}
+
+/// A connection on which one echo round trip was done: a worker has
+/// accepted it and now waits, idle, for more.
+fn idle_connection(addr: SocketAddr) -> TcpStream {
+    let mut s = connect(addr).unwrap();
+    s.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    s
+}
+
+/// Waits until a new TCP connection is refused; returns whether the
+/// master was still running then (if not, the refusal proves little).
+fn wait_refused(d: &mut Daemon, addr: SocketAddr) -> bool {
+    let refused = wait_for(DEADLINE, || match connect(addr) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Some(()),
+        _ => None,
+    });
+    assert!(
+        refused.is_some(),
+        "{addr} still accepts; log:\n{}",
+        d.log_text()
+    );
+    d.child.try_wait().unwrap().is_none()
+}
+
+#[test]
+fn sigterm_finishes_accepted_connections_then_exits_0() {
+    let (mut d, addr) = start("workers = 2\ngraceful_timeout = \"20s\"");
+
+    // A: served once, now idle. B: 64 KiB sent, nothing read back yet.
+    let mut a = idle_connection(addr);
+    let mut b = connect(addr).unwrap();
+    let sent: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    b.write_all(&sent).unwrap();
+    // The other worker has accepted B once part of the echo is back. (A
+    // connection still in the accept queue at the stop would be reset.)
+    wait_for(DEADLINE, || (pending(&b) > 0).then_some(()))
+        .unwrap_or_else(|| panic!("B was not accepted; log:\n{}", d.log_text()));
+
+    let stop = Instant::now();
+    d.signal(libc::SIGTERM);
+
+    // New connections are refused at once, on TCP and on the Unix socket,
+    // while A and B keep the master busy.
+    let running = wait_refused(&mut d, addr);
+    assert!(running, "the master exited before a connection was refused");
+    let unix = wait_for(DEADLINE, || {
+        match UnixStream::connect(d.path("echo.sock")) {
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => {
+                Some(())
+            }
+            _ => None,
+        }
+    });
+    assert!(unix.is_some(), "the Unix socket still accepts");
+
+    // A: a clean end of stream, not a reset.
+    let rest = read_to_eof(&mut a).unwrap_or_else(|e| panic!("A: {e}; log:\n{}", d.log_text()));
+    assert_eq!(rest, b"", "A got data it did not ask for");
+    // B: every byte it sent, then a clean end of stream.
+    let echoed = read_to_eof(&mut b).unwrap_or_else(|e| panic!("B: {e}; log:\n{}", d.log_text()));
+    assert_eq!(
+        echoed.len(),
+        sent.len(),
+        "B got back {} of {} bytes",
+        echoed.len(),
+        sent.len()
+    );
+    assert!(echoed == sent, "B got back other bytes than it sent");
+    drop((a, b));
+
+    // Exit 0, long before graceful_timeout (20 s) and without killing.
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log_text());
+    assert!(stop.elapsed() < Duration::from_secs(10));
+    let log = d.log_text();
+    assert!(log.contains("INFO: SIGTERM: graceful stop"), "log:\n{log}");
+    assert_eq!(d.count_log(") exited with status 0"), 2, "log:\n{log}");
+    assert!(!log.contains("(recycled)"), "log:\n{log}");
+    assert!(!log.contains("SIGKILL"), "log:\n{log}");
+    assert!(
+        log.contains(&format!("master pid {} exiting", d.pid())),
+        "log:\n{log}"
+    );
+    assert_files_removed(&d);
+}
+
+/// SIGINT or SIGQUIT: the master exits 0 within seconds although one worker
+/// holds an idle connection and another is stuck writing to a client that
+/// does not read, which a graceful stop would wait `graceful_timeout` for.
+fn fast_stop(sig: i32, logged: &str) {
+    let (mut d, addr) = start("workers = 2\ngraceful_timeout = \"30s\"");
+    let mut idle = idle_connection(addr);
+
+    // A client that writes and never reads: the echo fills both socket
+    // buffers and the worker blocks writing to it.
+    let stuck = connect(addr).unwrap();
+    let writer = {
+        let mut s = stuck.try_clone().unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                if s.write_all(&chunk).is_err() {
+                    break; // our buffers are full, or the worker is gone
+                }
+            }
+        })
+    };
+    wait_for(DEADLINE, || (pending(&stuck) > 0).then_some(()))
+        .unwrap_or_else(|| panic!("the writer was not accepted; log:\n{}", d.log_text()));
+
+    let stop = Instant::now();
+    d.signal(sig);
+    let status = d.wait_exit(DEADLINE);
+    let took = stop.elapsed();
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log_text());
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}; log:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(log.contains(logged), "log:\n{log}");
+    assert!(!log.contains("graceful stop"), "log:\n{log}");
+    assert_files_removed(&d);
+
+    // The idle connection ended (its worker is gone), and nothing listens.
+    let mut buf = [0u8; 16];
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("idle connection after a fast stop: {other:?}"),
+    }
+    match connect(addr) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("connect after the stop: {other:?}"),
+    }
+    writer.join().unwrap();
+}
+
+#[test]
+fn sigint_is_a_fast_stop() {
+    fast_stop(libc::SIGINT, "INFO: SIGINT: fast stop");
+}
+
+#[test]
+fn sigquit_is_a_fast_stop() {
+    fast_stop(libc::SIGQUIT, "INFO: SIGQUIT: fast stop");
+}
