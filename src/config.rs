@@ -428,10 +428,16 @@ impl ListenAddr {
     }
 
     /// A key under which two entries conflict; None for port 0, which asks
-    /// the kernel for a fresh port each time.
+    /// the kernel for a fresh port each time. A Unix path is one file
+    /// whatever the socket type (`unix:` and `unixgram:` conflict), and
+    /// `a//b` or `a/./b` name the same file as `a/b`.
     fn conflict_key(&self) -> Option<String> {
         match self {
             ListenAddr::Tcp(a) | ListenAddr::Udp(a) if a.port() == 0 => None,
+            ListenAddr::Unix(p) | ListenAddr::UnixGram(p) => Some(format!(
+                "path {}",
+                p.components().collect::<PathBuf>().display()
+            )),
             _ => Some(self.to_string()),
         }
     }

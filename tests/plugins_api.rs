@@ -1,0 +1,377 @@
+//! The library API and the master's handling of failing workers, with plugins
+//! that only this test registers.
+//!
+//! This file has its own `main` (`harness = false` in Cargo.toml). With
+//! `PREFORKD_TEST_DAEMON=1` in its environment the test binary *is* a preforkd
+//! daemon: the built-in plugins plus the test plugins below, through
+//! `preforkd::cli::main_with`. That branch runs first thing in `main`, before
+//! any thread exists, because the master must be single-threaded to fork.
+//! Otherwise `main` runs the tests one after another; each starts this same
+//! binary as its daemon.
+//!
+//! - `failboot`: its factory always fails: the master exits 78 at start.
+//! - `flaky`: echo whose factory fails while the file named by its `flag`
+//!   option exists: crash-loop backoff, then recovery.
+//! - `panicky`: echo that panics on a line starting with `panic`: one
+//!   connection lost, the worker lives on.
+//! - `stubborn`: echo over blocking `Read`, deaf to the shutdown flag: the
+//!   master SIGKILLs it after `graceful_timeout`.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use preforkd::handler::{Connection, Handlers, PluginInfo, Recv, Registry, StreamHandler};
+
+/// The environment variable that turns this binary into a daemon.
+const DAEMON_ENV: &str = "PREFORKD_TEST_DAEMON";
+
+// ---------------------------------------------------------------------------
+// The test plugins.
+
+/// Echo through the request-boundary API: `recv` (stops at shutdown) and
+/// `write_all`. Panics on input that starts with `panic` when `panicky`.
+struct Echo {
+    panicky: bool,
+}
+
+impl StreamHandler for Echo {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match conn.recv(&mut buf)? {
+                Recv::Data(n) => {
+                    if self.panicky && buf[..n].starts_with(b"panic") {
+                        panic!("the client asked for a panic (test)");
+                    }
+                    conn.write_all(&buf[..n])?;
+                }
+                Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Echo over the blocking `Read` impl, which does not return when the
+/// worker is asked to stop: a handler that never finishes on its own.
+struct Stubborn;
+
+impl StreamHandler for Stubborn {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            conn.write_all(&buf[..n])?;
+        }
+    }
+}
+
+fn stream_only(handler: impl StreamHandler + 'static) -> Handlers {
+    Handlers {
+        stream: Some(Arc::new(handler)),
+        datagram: None,
+    }
+}
+
+/// The built-in plugins and the four test plugins.
+fn registry() -> Registry {
+    let mut r = Registry::builtin();
+    r.register(PluginInfo {
+        name: "failboot".into(),
+        stream: true,
+        datagram: false,
+        factory: Arc::new(|_ctx| Err("database unreachable (test)".into())),
+    });
+    r.register(PluginInfo {
+        name: "flaky".into(),
+        stream: true,
+        datagram: false,
+        factory: Arc::new(|ctx| {
+            ctx.expect_options("flaky", &["flag"])?;
+            let flag = ctx
+                .options
+                .get("flag")
+                .and_then(|v| v.as_str())
+                .ok_or("plugin \"flaky\" needs the option flag = \"PATH\"")?;
+            if Path::new(flag).exists() {
+                return Err(format!("flag file {flag} exists (test)"));
+            }
+            Ok(stream_only(Echo { panicky: false }))
+        }),
+    });
+    r.register(PluginInfo {
+        name: "panicky".into(),
+        stream: true,
+        datagram: false,
+        factory: Arc::new(|_ctx| Ok(stream_only(Echo { panicky: true }))),
+    });
+    r.register(PluginInfo {
+        name: "stubborn".into(),
+        stream: true,
+        datagram: false,
+        factory: Arc::new(|_ctx| Ok(stream_only(Stubborn))),
+    });
+    r
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+
+/// Starts this binary as a daemon with the test plugins.
+fn start(config: &str) -> Daemon {
+    let exe = std::env::current_exe().expect("current_exe");
+    Daemon::start_bin(&exe, config, &[(DAEMON_ENV, "1")])
+}
+
+/// The pids in the `worker NAME (pid N) spawned` lines of `log`.
+fn spawned_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter(|l| l.ends_with(" spawned"))
+        .filter_map(|l| {
+            let start = l.find("(pid ")? + 5;
+            let end = start + l[start..].find(')')?;
+            l[start..end].parse().ok()
+        })
+        .collect()
+}
+
+/// A worker whose handler cannot initialise, in the first generation: the
+/// master reports the reason and exits 78 instead of crash-looping.
+fn failboot_exits_78_without_a_crash_loop() {
+    let mut d = start(&service(
+        "boot",
+        &["tcp://127.0.0.1:0"],
+        "failboot",
+        "workers = 2",
+    ));
+    let status = d.wait_exit(DEADLINE);
+    let log = d.log_text();
+    assert_eq!(
+        status.code(),
+        Some(preforkd::exit::code::CONFIG),
+        "exit status {status:?}; log:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("failed to boot") && l.contains("database unreachable (test)")),
+        "the reason is not logged:\n{log}"
+    );
+    let spawned = spawned_pids(&log);
+    assert!(
+        (1..=2).contains(&spawned.len()),
+        "{} workers spawned for a pool of 2:\n{log}",
+        spawned.len()
+    );
+    // The master waited for its workers before it exited.
+    for pid in spawned {
+        assert!(
+            wait_for(DEADLINE, || (!alive(pid)).then_some(())).is_some(),
+            "worker {pid} outlived the master"
+        );
+    }
+}
+
+/// Workers that fail to start after the first generation: their slots back
+/// off exponentially (no fork storm), the master stays up, and the pool
+/// recovers once starting works again.
+fn flaky_backs_off_then_recovers() {
+    let config = service("flaky", &["tcp://127.0.0.1:0"], "flaky", "workers = 2")
+        + "[service.handler.options]\nflag = \"{dir}/flag\"\n";
+    let mut d = start(&config);
+    d.wait_ready();
+    let addr = d.addr("tcp", "flaky");
+    echo_once(addr, b"before\n").unwrap();
+    let workers = d.wait_workers(2);
+
+    std::fs::write(d.path("flag"), "").unwrap();
+    let before = d.count_log(" spawned");
+    let ready_before = d.count_log(") ready");
+    for pid in &workers {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    // Time must pass here: the backoff is what is observed.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = d.log_text();
+    let respawned = d.count_log(" spawned") - before;
+    // 0.1 s doubling: about 5 starts per slot in 3 s; a storm is thousands.
+    assert!(
+        (2..=16).contains(&respawned),
+        "{respawned} workers spawned in 3 s with a failing plugin:\n{log}"
+    );
+    assert!(log.contains("failed to start"), "no backoff logged:\n{log}");
+    assert!(
+        log.contains("exists (test)"),
+        "the plugin's reason is not logged:\n{log}"
+    );
+    assert_eq!(
+        d.child.try_wait().unwrap(),
+        None,
+        "the master exited:\n{log}"
+    );
+    assert!(alive(d.pid()));
+
+    std::fs::remove_file(d.path("flag")).unwrap();
+    // Two new workers report ready: one per slot (a ready worker stays).
+    // The backoff may have reached a few seconds: a long deadline.
+    let deadline = DEADLINE * 2;
+    wait_for(deadline, || {
+        (d.count_log(") ready") >= ready_before + 2).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the pool did not recover within {deadline:?}; log:\n{}",
+            d.log_text()
+        )
+    });
+    let now = d.wait_workers(2);
+    assert!(
+        now.iter().all(|p| !workers.contains(p)),
+        "{now:?} {workers:?}"
+    );
+    echo_once(addr, b"after\n").unwrap();
+    assert_eq!(d.child.try_wait().unwrap(), None, "the master exited");
+}
+
+/// A handler that panics loses its connection, not its worker.
+fn panicky_closes_only_its_connection() {
+    let d = start(&service(
+        "panicky",
+        &["tcp://127.0.0.1:0"],
+        "panicky",
+        "workers = 1",
+    ));
+    d.wait_ready();
+    let addr = d.addr("tcp", "panicky");
+    echo_once(addr, b"hello\n").unwrap();
+    let worker = d.wait_workers(1);
+
+    let mut s = connect(addr).unwrap();
+    s.write_all(b"panic please\n").unwrap();
+    match read_to_eof(&mut s) {
+        Ok(got) => assert!(got.is_empty(), "got {got:?} instead of EOF"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "the panicking connection was not closed: {e}"
+        ),
+    }
+    d.wait_log("handler panicked");
+
+    echo_once(addr, b"still here\n").unwrap();
+    assert_eq!(d.workers(), worker, "the worker was replaced");
+    assert!(alive(worker[0]));
+    assert_eq!(d.count_log(" spawned"), 1, "log:\n{}", d.log_text());
+}
+
+/// A handler deaf to shutdown: SIGTERM waits `graceful_timeout`, then the
+/// master kills the worker and exits 0.
+fn stubborn_is_killed_after_graceful_timeout() {
+    let mut d = start(&service(
+        "stubborn",
+        &["tcp://127.0.0.1:0"],
+        "stubborn",
+        "workers = 1\ngraceful_timeout = \"1s\"",
+    ));
+    d.wait_ready();
+    let mut s = connect(d.addr("tcp", "stubborn")).unwrap();
+    s.write_all(b"hold on\n").unwrap();
+    let mut buf = [0u8; 8];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hold on\n");
+
+    let sent = Instant::now();
+    d.signal(libc::SIGTERM);
+    d.wait_log("sending SIGKILL");
+    let waited = sent.elapsed();
+    let status = d.wait_exit(DEADLINE);
+    let log = d.log_text();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "killed {waited:?} after SIGTERM, before graceful_timeout (1s):\n{log}"
+    );
+    assert!(log.contains("killed by signal SIGKILL"), "log:\n{log}");
+    // The killed worker's connection is closed, not left hanging.
+    if let Err(e) = read_to_eof(&mut s) {
+        assert!(
+            !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "the connection outlived its worker: {e}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The runner.
+
+fn main() {
+    if std::env::var_os(DAEMON_ENV).is_some_and(|v| v == "1") {
+        preforkd::cli::main_with(registry());
+    }
+    let tests: [(&str, fn()); 4] = [
+        (
+            "failboot_exits_78_without_a_crash_loop",
+            failboot_exits_78_without_a_crash_loop,
+        ),
+        (
+            "flaky_backs_off_then_recovers",
+            flaky_backs_off_then_recovers,
+        ),
+        (
+            "panicky_closes_only_its_connection",
+            panicky_closes_only_its_connection,
+        ),
+        (
+            "stubborn_is_killed_after_graceful_timeout",
+            stubborn_is_killed_after_graceful_timeout,
+        ),
+    ];
+    // Like libtest: arguments that are not options filter tests by name.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in selected {
+        match catch_unwind(AssertUnwindSafe(test)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(payload) => {
+                failed += 1;
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                // The whole message (with the daemon's log) went to stderr
+                // through the panic hook; one line here.
+                let first = msg.lines().next().unwrap_or_default();
+                println!("test {name} ... FAILED: {first}");
+            }
+        }
+    }
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
