@@ -219,7 +219,7 @@ impl Master {
             self.pid,
             self.pools.len()
         );
-        self.spawn_missing()?;
+        self.spawn_missing();
         loop {
             let readable = self.wait()?;
             let events = self.signals.drain();
@@ -237,7 +237,7 @@ impl Master {
                     return self.finish();
                 }
             } else {
-                self.spawn_missing()?;
+                self.spawn_missing();
             }
         }
     }
@@ -282,12 +282,11 @@ impl Master {
             .flat_map(|p| p.slots.iter())
             .filter(|s| s.pid.is_none())
             .filter_map(|s| s.respawn_at);
+        // A worker being stopped has only its kill deadline; its ready
+        // deadline, long past perhaps, would make poll() return at once.
         let children = self.children.values().filter_map(|c| {
-            let ready_by = (!c.ready).then(|| c.started + self.pools[c.pool].config.ready_timeout);
-            match (c.kill_at, ready_by) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
+            c.kill_at
+                .or_else(|| (!c.ready).then(|| c.started + self.pools[c.pool].config.ready_timeout))
         });
         respawns.chain(children).min()
     }
@@ -576,17 +575,29 @@ impl Master {
     }
 
     /// Forks a worker for every empty slot whose backoff has passed.
-    fn spawn_missing(&mut self) -> Result<(), MasterError> {
+    /// A failure to fork (process limit, memory) is logged and retried with
+    /// the slot's backoff: the workers that exist keep serving.
+    fn spawn_missing(&mut self) {
         let now = Instant::now();
         for p in 0..self.pools.len() {
             for s in 0..self.pools[p].slots.len() {
                 let slot = &self.pools[p].slots[s];
-                if slot.pid.is_none() && slot.respawn_at.is_none_or(|at| now >= at) {
-                    self.spawn(p, s)?;
+                if slot.pid.is_none()
+                    && slot.respawn_at.is_none_or(|at| now >= at)
+                    && let Err(e) = self.spawn(p, s)
+                {
+                    let slot = &mut self.pools[p].slots[s];
+                    slot.failures += 1;
+                    let delay = backoff(slot.failures);
+                    slot.respawn_at = Some(Instant::now() + delay);
+                    log::error!(
+                        "cannot start worker {}#{s}: {e}; retrying in {}",
+                        self.pools[p].name(),
+                        humantime::format_duration(round_ms(delay))
+                    );
                 }
             }
         }
-        Ok(())
     }
 
     /// Forks the worker for slot `s` of pool `p`.
