@@ -58,6 +58,14 @@ pub enum MasterError {
         /// The worker's reason.
         reason: String,
     },
+    /// The pid file could not be written (exit 73).
+    #[error("cannot write pid file {}: {source}", path.display())]
+    PidFile {
+        /// `[daemon] pid_file`.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
     /// A system call the master depends on failed (exit 70).
     #[error("{syscall}() failed: {source}")]
     Sys {
@@ -74,6 +82,7 @@ impl MasterError {
         match self {
             MasterError::Listen(_) => code::UNAVAILABLE,
             MasterError::Boot { .. } => code::CONFIG,
+            MasterError::PidFile { .. } => code::CANTCREAT,
             MasterError::Sys { .. } => code::SOFTWARE,
         }
     }
@@ -171,9 +180,8 @@ impl Master {
                 match Listener::bind(addr, svc.backlog, svc.socket_mode) {
                     Ok(l) => listeners.push(l),
                     Err(e) => {
-                        for mut l in pools.drain(..).flat_map(|p| p.listeners).chain(listeners) {
-                            l.remove_file();
-                        }
+                        remove_files(pools.iter_mut().flat_map(|p| &mut p.listeners));
+                        remove_files(&mut listeners);
                         return Err(e.into());
                     }
                 }
@@ -193,12 +201,26 @@ impl Master {
                 slots: (0..n).map(|_| Slot::default()).collect(),
             });
         }
-        let signals = Signals::install().map_err(sys_err("sigaction"))?;
         let pid = nix::unistd::getpid();
         let pid_file = config.daemon.pid_file.clone();
-        if let Some(path) = &pid_file {
-            std::fs::write(path, format!("{pid}\n")).map_err(sys_err("write(pid_file)"))?;
-        }
+        let setup = || -> Result<Signals, MasterError> {
+            if let Some(path) = &pid_file {
+                std::fs::write(path, format!("{pid}\n")).map_err(|source| {
+                    MasterError::PidFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Signals::install().map_err(sys_err("sigaction"))
+        };
+        let signals = match setup() {
+            Ok(s) => s,
+            Err(e) => {
+                remove_files(pools.iter_mut().flat_map(|p| &mut p.listeners));
+                return Err(e);
+            }
+        };
         Ok(Master {
             phase: Phase::Starting,
             pools,
@@ -525,10 +547,11 @@ impl Master {
             self.stop_child(pid, sig);
         }
         for pool in &mut self.pools {
-            for mut l in pool.listeners.drain(..) {
+            for l in &pool.listeners {
                 l.stop_accepting();
-                l.remove_file();
             }
+            remove_files(&mut pool.listeners);
+            pool.listeners.clear();
         }
     }
 
@@ -664,6 +687,13 @@ impl Master {
                 Ok(code::OK)
             }
         }
+    }
+}
+
+/// Removes the Unix socket files of `listeners` (those this master created).
+fn remove_files<'a>(listeners: impl IntoIterator<Item = &'a mut Listener>) {
+    for l in listeners {
+        l.remove_file();
     }
 }
 

@@ -510,6 +510,24 @@ fn bind_failure_removes_the_socket_files_already_made() {
     }
 }
 
+#[test]
+fn unwritable_pid_file_exits_73_and_removes_the_socket_files() {
+    let config = format!(
+        "[daemon]\npid_file = \"{{dir}}/no/such/dir/preforkd.pid\"\n{}",
+        service("a", &["unix:{dir}/a.sock"], "echo", "workers = 1")
+    );
+    let mut d = Daemon::start(&config);
+    let status = d.wait_exit(DEADLINE);
+    let log = d.log_text();
+    assert_eq!(status.code(), Some(73), "{log}");
+    assert!(
+        log.contains("cannot write pid file ") && log.contains("No such file or directory"),
+        "{log}"
+    );
+    assert!(!log.contains("spawned"), "a worker was forked:\n{log}");
+    assert!(!d.path("a.sock").exists(), "a.sock left behind:\n{log}");
+}
+
 /// Starts `preforkd -c` on `config` in a dir the test prepared.
 fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
     let file = write_config(dir.path(), "preforkd.toml", config);
