@@ -190,9 +190,24 @@ impl Worker<'_> {
     /// when the master is gone).
     fn serve(&self, threads: u32, graceful: Duration) {
         std::thread::scope(|scope| {
-            let others: Vec<_> = (1..threads)
-                .map(|_| scope.spawn(|| self.accept_loop()))
-                .collect();
+            let mut others = Vec::new();
+            for n in 1..threads {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("accept-{n}"))
+                    .spawn_scoped(scope, || self.accept_loop());
+                match spawned {
+                    Ok(t) => others.push(t),
+                    Err(e) => {
+                        // Serving with fewer threads beats not serving; the
+                        // log says so, and the next worker may do better.
+                        log::error!(
+                            "worker {}: cannot start accept thread {n} of {threads}: {e}",
+                            self.name
+                        );
+                        break;
+                    }
+                }
+            }
             self.accept_loop();
             let deadline = Instant::now() + graceful + Duration::from_secs(1);
             while others.iter().any(|t| !t.is_finished()) {
