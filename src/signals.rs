@@ -65,13 +65,7 @@ impl Signals {
         for (i, &(sig, _)) in TABLE.iter().enumerate() {
             // The counter first, then the wake-up byte: after draining the
             // pipe the loop is sure to see the count (signal-hook's order).
-            // SAFETY: the action only increments an atomic, which is
-            // async-signal-safe.
-            unsafe {
-                signal_hook::low_level::register(sig, move || {
-                    COUNTS[i].fetch_add(1, Ordering::SeqCst);
-                })
-            }?;
+            crate::sys::count_signal(sig, &COUNTS[i])?;
             pipe::register(sig, write.try_clone()?)?;
         }
         Ok(Signals { read })

@@ -67,6 +67,18 @@ pub fn assert_single_threaded() -> io::Result<()> {
     }
 }
 
+/// In the master: counts every delivery of `sig` in `counter` (through
+/// signal-hook's registry, which chains the actions of one signal).
+pub fn count_signal(sig: libc::c_int, counter: &'static AtomicUsize) -> io::Result<()> {
+    // SAFETY: the action only increments an atomic, which is async-signal-safe.
+    unsafe {
+        signal_hook::low_level::register(sig, move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+    }?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Worker signals and the shutdown flag.
 
