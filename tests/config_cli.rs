@@ -528,6 +528,21 @@ fn unwritable_pid_file_exits_73_and_removes_the_socket_files() {
     assert!(!d.path("a.sock").exists(), "a.sock left behind:\n{log}");
 }
 
+/// preforkd exited 69 with a `cannot listen on` line that names `path` and
+/// says `why`, without forking a worker.
+fn bind_refused(d: &mut Daemon, path: &Path, why: &str) {
+    let status = d.wait_exit(DEADLINE);
+    let log = d.log_text();
+    assert_eq!(status.code(), Some(69), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot listen on"))
+        .unwrap_or_else(|| panic!("no `cannot listen on` line:\n{log}"));
+    assert!(line.contains(path.to_str().unwrap()), "{line}");
+    assert!(line.contains(why), "{line}");
+    assert!(!log.contains("spawned"), "a worker was forked:\n{log}");
+}
+
 /// Starts `preforkd -c` on `config` in a dir the test prepared.
 fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
     let file = write_config(dir.path(), "preforkd.toml", config);
@@ -573,16 +588,7 @@ fn live_unix_socket_exits_69() {
         dir,
         &service("live", &["unix:{dir}/live.sock"], "echo", "workers = 1"),
     );
-    let status = d.wait_exit(DEADLINE);
-    let log = d.log_text();
-    assert_eq!(status.code(), Some(69), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("cannot listen on"))
-        .unwrap_or_else(|| panic!("no `cannot listen on` line:\n{log}"));
-    assert!(line.contains(path.to_str().unwrap()), "{line}");
-    assert!(line.contains("another server"), "{line}");
-    assert!(!log.contains("spawned"), "a worker was forked:\n{log}");
+    bind_refused(&mut d, &path, "another server");
     // The other server's socket is left alone and still answers.
     assert!(path.exists(), "the live socket file was removed");
     let _client = UnixStream::connect(&path).expect("the live socket no longer accepts");
@@ -599,16 +605,7 @@ fn regular_file_at_unix_path_exits_69_and_is_kept() {
         dir,
         &service("file", &["unix:{dir}/file.sock"], "echo", "workers = 1"),
     );
-    let status = d.wait_exit(DEADLINE);
-    let log = d.log_text();
-    assert_eq!(status.code(), Some(69), "{log}");
-    let line = log
-        .lines()
-        .find(|l| l.contains("cannot listen on"))
-        .unwrap_or_else(|| panic!("no `cannot listen on` line:\n{log}"));
-    assert!(line.contains(path.to_str().unwrap()), "{line}");
-    assert!(line.contains("not a socket"), "{line}");
-    assert!(!log.contains("spawned"), "a worker was forked:\n{log}");
+    bind_refused(&mut d, &path, "not a socket");
     assert_eq!(
         fs::read_to_string(&path).unwrap(),
         "precious\n",

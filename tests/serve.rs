@@ -77,17 +77,22 @@ fn echo_over_tcp_udp_unix_and_unixgram() {
 }
 
 fn udp_echo(to: std::net::SocketAddr, from: &str) {
+    assert_eq!(udp_ask(to, from, b"hello over udp"), b"hello over udp");
+}
+
+/// Sends `payload` from a socket bound to `from` and returns the answer,
+/// sending again while none comes (UDP may drop), within the deadline.
+fn udp_ask(to: std::net::SocketAddr, from: &str, payload: &[u8]) -> Vec<u8> {
     let s = UdpSocket::bind(from).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    // UDP may drop; retry a few times within the deadline.
-    let got = wait_for(DEADLINE, || {
-        s.send_to(b"hello over udp", to).ok()?;
-        let mut buf = [0u8; 64];
+    wait_for(DEADLINE, || {
+        s.send_to(payload, to).ok()?;
+        let mut buf = [0u8; 2048];
         let n = s.recv(&mut buf).ok()?;
         Some(buf[..n].to_vec())
-    });
-    assert_eq!(got.as_deref(), Some(&b"hello over udp"[..]));
+    })
+    .unwrap_or_else(|| panic!("no answer from udp://{to}"))
 }
 
 #[test]
@@ -140,16 +145,7 @@ fn discard_daytime_chargen_per_rfc() {
         .parse::<u32>()
         .unwrap();
     assert!((2024..3000).contains(&year), "{line:?}");
-    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let reply = wait_for(DEADLINE, || {
-        u.send_to(b"?", d.addr("udp", "daytime")).ok()?;
-        let mut buf = [0u8; 128];
-        let n = u.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-    .unwrap();
+    let reply = String::from_utf8(udp_ask(d.addr("udp", "daytime"), "127.0.0.1:0", b"?")).unwrap();
     assert!(reply.ends_with(" GMT\r\n"), "{reply:?}");
 
     // chargen (RFC 864): 72-character rotating lines of printable ASCII.
@@ -163,16 +159,7 @@ fn discard_daytime_chargen_per_rfc() {
         }
     }
     drop(s);
-    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let reply = wait_for(DEADLINE, || {
-        u.send_to(b"?", d.addr("udp", "chargen")).ok()?;
-        let mut buf = [0u8; 1024];
-        let n = u.recv(&mut buf).ok()?;
-        Some(buf[..n].to_vec())
-    })
-    .unwrap();
+    let reply = udp_ask(d.addr("udp", "chargen"), "127.0.0.1:0", b"?");
     assert!(reply.len() <= 512);
     for (c, b) in reply.iter().enumerate().filter(|(c, _)| c % 74 < 72) {
         assert_eq!(*b, b' ' + ((c / 74 + c % 74) % 95) as u8);

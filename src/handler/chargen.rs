@@ -4,9 +4,8 @@
 //! stops at once when asked to; a datagram gets one answer of 0 to 512 bytes.
 
 use std::io;
-use std::sync::Arc;
 
-use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Sent, StreamHandler};
+use super::{Connection, Datagram, DatagramHandler, PluginInfo, Sent, StreamHandler};
 
 const LINE: usize = 72;
 const PRINTABLE: usize = 95;
@@ -64,21 +63,9 @@ impl DatagramHandler for Chargen {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    PluginInfo {
-        name: "chargen".into(),
-        stream: true,
-        datagram: true,
-        factory: Arc::new(|ctx| {
-            ctx.expect_options("chargen", &[])?;
-            let handler = Arc::new(Chargen {
-                cycle: pattern(0, PRINTABLE + 1 + 16 * 1024 / (LINE + 2)),
-            });
-            Ok(Handlers {
-                stream: Some(handler.clone()),
-                datagram: Some(handler),
-            })
-        }),
-    }
+    super::builtin("chargen", || Chargen {
+        cycle: pattern(0, PRINTABLE + 1 + 16 * 1024 / (LINE + 2)),
+    })
 }
 
 #[cfg(test)]

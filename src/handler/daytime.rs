@@ -3,10 +3,9 @@
 //! form (`Sat, 28 Nov 2026 13:25:50 GMT`), in UTC.
 
 use std::io::{self, Write};
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, StreamHandler};
+use super::{Connection, Datagram, DatagramHandler, PluginInfo, StreamHandler};
 
 struct Daytime;
 
@@ -28,16 +27,5 @@ impl DatagramHandler for Daytime {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    PluginInfo {
-        name: "daytime".into(),
-        stream: true,
-        datagram: true,
-        factory: Arc::new(|ctx| {
-            ctx.expect_options("daytime", &[])?;
-            Ok(Handlers {
-                stream: Some(Arc::new(Daytime)),
-                datagram: Some(Arc::new(Daytime)),
-            })
-        }),
-    }
+    super::builtin("daytime", || Daytime)
 }

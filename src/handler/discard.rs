@@ -2,9 +2,8 @@
 //! Nothing is ever owed to the client, so it stops at once when asked to.
 
 use std::io;
-use std::sync::Arc;
 
-use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Recv, StreamHandler};
+use super::{Connection, Datagram, DatagramHandler, PluginInfo, Recv, StreamHandler};
 
 struct Discard;
 
@@ -30,16 +29,5 @@ impl DatagramHandler for Discard {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    PluginInfo {
-        name: "discard".into(),
-        stream: true,
-        datagram: true,
-        factory: Arc::new(|ctx| {
-            ctx.expect_options("discard", &[])?;
-            Ok(Handlers {
-                stream: Some(Arc::new(Discard)),
-                datagram: Some(Arc::new(Discard)),
-            })
-        }),
-    }
+    super::builtin("discard", || Discard)
 }

@@ -4,9 +4,8 @@
 //! has been written back and no more input is pending.
 
 use std::io::{self, Write};
-use std::sync::Arc;
 
-use super::{Connection, Datagram, DatagramHandler, Handlers, PluginInfo, Recv, StreamHandler};
+use super::{Connection, Datagram, DatagramHandler, PluginInfo, Recv, StreamHandler};
 
 struct Echo;
 
@@ -30,16 +29,5 @@ impl DatagramHandler for Echo {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    PluginInfo {
-        name: "echo".into(),
-        stream: true,
-        datagram: true,
-        factory: Arc::new(|ctx| {
-            ctx.expect_options("echo", &[])?;
-            Ok(Handlers {
-                stream: Some(Arc::new(Echo)),
-                datagram: Some(Arc::new(Echo)),
-            })
-        }),
-    }
+    super::builtin("echo", || Echo)
 }

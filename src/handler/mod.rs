@@ -107,6 +107,27 @@ impl fmt::Debug for PluginInfo {
     }
 }
 
+/// A built-in plugin: no options, and one object that serves both streams
+/// and datagrams, made by `make` in each worker.
+fn builtin<T>(name: &'static str, make: fn() -> T) -> PluginInfo
+where
+    T: StreamHandler + DatagramHandler + 'static,
+{
+    PluginInfo {
+        name: name.into(),
+        stream: true,
+        datagram: true,
+        factory: Arc::new(move |ctx| {
+            ctx.expect_options(name, &[])?;
+            let handler = Arc::new(make());
+            Ok(Handlers {
+                stream: Some(handler.clone()),
+                datagram: Some(handler),
+            })
+        }),
+    }
+}
+
 /// The plugins a binary knows, by name.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
