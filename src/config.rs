@@ -179,7 +179,7 @@ pub struct ServiceConfig {
     #[serde(default = "thirty_seconds", with = "duration")]
     pub graceful_timeout: Duration,
     /// How long a new worker may take to initialise its handler.
-    #[serde(default = "thirty_seconds", with = "duration")]
+    #[serde(default = "thirty_seconds", with = "nonzero_duration")]
     pub ready_timeout: Duration,
     /// listen(2) backlog of stream sockets.
     #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
@@ -387,13 +387,40 @@ mod duration {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
+    /// The longest duration any setting takes: a day. It keeps every
+    /// `Instant + duration` the master computes far from overflow.
+    pub const MAX: Duration = Duration::from_secs(24 * 3600);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
+        let v = humantime::parse_duration(&s).map_err(|e| {
             de::Error::custom(format!(
                 "invalid duration {s:?} ({e}): expected a string such as \"30s\", \"1m 30s\" or \"250ms\""
             ))
-        })
+        })?;
+        if v > MAX {
+            return Err(de::Error::custom(format!(
+                "duration {s:?} is too long: expected at most \"24h\""
+            )));
+        }
+        Ok(v)
+    }
+}
+
+/// Like [`duration`], but zero is an error (a timeout that always expires).
+mod nonzero_duration {
+    use super::*;
+
+    pub use super::duration::serialize;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = super::duration::deserialize(d)?;
+        if v.is_zero() {
+            return Err(de::Error::custom(
+                "a zero timeout would always expire: expected a duration such as \"30s\"",
+            ));
+        }
+        Ok(v)
     }
 }
 
@@ -769,6 +796,22 @@ plugin = "echo"
             "[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"
         ));
         assert!(e.contains("at most 107 bytes"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let with = |k: &str, v: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n{k} = \"{v}\"\n[service.handler]\nplugin = \"echo\"\n"
+            ))
+        };
+        let e = with("graceful_timeout", "300000000000y").unwrap_err();
+        assert!(e.starts_with("t.toml:4:20: duration"), "{e}");
+        assert!(e.contains("at most \"24h\""), "{e}");
+        let e = with("ready_timeout", "0s").unwrap_err();
+        assert!(e.starts_with("t.toml:4:17: a zero timeout"), "{e}");
+        assert!(with("graceful_timeout", "0s").is_ok());
+        assert!(with("ready_timeout", "24h").is_ok());
     }
 
     #[test]

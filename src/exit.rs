@@ -38,6 +38,9 @@ pub mod worker {
     pub const SETUP_ERROR: i32 = 4;
     /// The master was already gone when the worker started.
     pub const ORPHANED: i32 = 5;
+    /// Connections were still open too long after the worker was asked to
+    /// stop (`graceful_timeout`, or 1 s once the master is gone).
+    pub const STOP_TIMEOUT: i32 = 6;
 }
 
 /// How a child process ended, classified from its wait status.
@@ -82,6 +85,11 @@ impl fmt::Display for ChildExit {
             ChildExit::Exited(worker::ORPHANED) => {
                 write!(f, "exited with status {} (master gone)", worker::ORPHANED)
             }
+            ChildExit::Exited(worker::STOP_TIMEOUT) => write!(
+                f,
+                "exited with status {} (stop timed out)",
+                worker::STOP_TIMEOUT
+            ),
             ChildExit::Exited(c) => write!(f, "exited with status {c}"),
             ChildExit::Signaled(sig, core) => {
                 write!(f, "killed by signal {}", sig.as_str())?;

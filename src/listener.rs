@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -224,12 +224,22 @@ fn clear_stale(addr: &ListenAddr, path: &Path, stream: bool) -> Result<(), Liste
             path: path.to_owned(),
         });
     }
-    let probe = if stream {
-        UnixStream::connect(path).map(drop)
-    } else {
-        UnixDatagram::unbound().and_then(|s| s.connect(path))
-    };
+    // Nonblocking: a live server whose backlog is full makes a blocking
+    // connect wait for ever; EAGAIN says just as well that someone listens.
+    let probe = Socket::new(
+        Domain::UNIX,
+        if stream { Type::STREAM } else { Type::DGRAM },
+        None,
+    )
+    .and_then(|s| {
+        s.set_nonblocking(true)?;
+        s.connect(&SockAddr::unix(path)?)
+    });
     match probe {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(ListenError::InUse {
+            addr: addr.clone(),
+            path: path.to_owned(),
+        }),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             log::info!("removing stale socket file {}", path.display());
             std::fs::remove_file(path).map_err(|source| ListenError::Sys {

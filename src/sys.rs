@@ -100,6 +100,13 @@ extern "C" fn on_fast_stop(_: libc::c_int) {
     unsafe { libc::_exit(0) }
 }
 
+/// Ends the process at once, from any thread, without unwinding, running
+/// destructors or flushing: for a worker that must not linger.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit(2) ends the process; nothing runs after it.
+    unsafe { libc::_exit(code) }
+}
+
 /// Asks the worker to stop at its next request boundary. Async-signal-safe:
 /// one atomic store and one write(2) to a nonblocking pipe.
 pub fn request_shutdown() {

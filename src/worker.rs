@@ -132,7 +132,19 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         budget,
         failed: AtomicBool::new(false),
     };
-    worker.serve(spec.service.threads, spec.service.graceful_timeout);
+    let watchdog = Watchdog {
+        name: name.clone(),
+        master: spec.master,
+        graceful: spec.service.graceful_timeout,
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || watchdog.run())
+    {
+        log::error!("worker {name}: cannot start the watchdog thread: {e}");
+        return code::SETUP_ERROR;
+    }
+    worker.serve(spec.service.threads);
     if worker.failed.load(Ordering::SeqCst) {
         // Not a clean exit: the master backs off instead of respawning at once.
         return code::SETUP_ERROR;
@@ -165,6 +177,53 @@ fn check_handlers(
     Ok(())
 }
 
+/// Bounds a worker's stop, whoever asked for it (the master's SIGTERM, the
+/// master's death, `max_requests`): a handler blocked on a client that
+/// neither reads nor stops sending must not keep the process, and its copy
+/// of the listeners, alive for ever.
+struct Watchdog {
+    name: String,
+    master: Pid,
+    graceful: Duration,
+}
+
+/// How long a worker whose master is gone may finish its connections.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+/// Past `graceful_timeout`, how long the worker leaves the master to kill it
+/// (and log it) before it exits by itself.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(1);
+
+impl Watchdog {
+    fn run(self) {
+        let mut fds = [nix::poll::PollFd::new(
+            sys::shutdown_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        while !sys::shutdown_requested() {
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+        }
+        let asked = Instant::now();
+        loop {
+            let orphan = nix::unistd::getppid() != self.master;
+            let limit = if orphan {
+                ORPHAN_GRACE
+            } else {
+                self.graceful + WATCHDOG_MARGIN
+            };
+            if asked.elapsed() >= limit {
+                log::warn!(
+                    "worker {}: connections still open {} after it was asked to stop{}; exiting",
+                    self.name,
+                    humantime::format_duration(Duration::from_millis(limit.as_millis() as u64)),
+                    if orphan { " (master gone)" } else { "" }
+                );
+                sys::exit_now(code::STOP_TIMEOUT);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// State shared by a worker's accept threads.
 struct Worker<'a> {
     name: &'a str,
@@ -188,38 +247,25 @@ impl Worker<'_> {
     /// worker is asked to stop, then waits for the connections in progress,
     /// at most `graceful` (the master kills us then anyway; this bound holds
     /// when the master is gone).
-    fn serve(&self, threads: u32, graceful: Duration) {
+    fn serve(&self, threads: u32) {
         std::thread::scope(|scope| {
-            let mut others = Vec::new();
             for n in 1..threads {
                 let spawned = std::thread::Builder::new()
                     .name(format!("accept-{n}"))
                     .spawn_scoped(scope, || self.accept_loop());
-                match spawned {
-                    Ok(t) => others.push(t),
-                    Err(e) => {
-                        // Serving with fewer threads beats not serving; the
-                        // log says so, and the next worker may do better.
-                        log::error!(
-                            "worker {}: cannot start accept thread {n} of {threads}: {e}",
-                            self.name
-                        );
-                        break;
-                    }
+                if let Err(e) = spawned {
+                    // Serving with fewer threads beats not serving; the
+                    // log says so, and the next worker may do better.
+                    log::error!(
+                        "worker {}: cannot start accept thread {n} of {threads}: {e}",
+                        self.name
+                    );
+                    break;
                 }
             }
             self.accept_loop();
-            let deadline = Instant::now() + graceful + Duration::from_secs(1);
-            while others.iter().any(|t| !t.is_finished()) {
-                if Instant::now() >= deadline {
-                    log::warn!(
-                        "worker {}: connections still open after graceful_timeout; exiting",
-                        self.name
-                    );
-                    std::process::exit(code::OK);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            // The scope joins the other accept threads; the watchdog bounds
+            // how long that may take.
         });
     }
 
@@ -261,6 +307,11 @@ impl Worker<'_> {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
+            // Asked to stop (the wake-up may share this batch with a new
+            // connection): accept nothing more, leave it to other workers.
+            if sys::shutdown_requested() {
+                break;
+            }
             // One event per wake-up: after serving a connection the other
             // events are stale (and their listeners may be deregistered).
             let Some(ev) = events[..n].iter().find(|e| e.data() != WAKE) else {

@@ -212,3 +212,41 @@ fn sigint_is_a_fast_stop() {
 fn sigquit_is_a_fast_stop() {
     fast_stop(libc::SIGQUIT, "INFO: SIGQUIT: fast stop");
 }
+
+/// Much more than the socket buffers hold is in flight when SIGTERM comes:
+/// the worker keeps echoing until the client has been quiet, so every byte
+/// comes back, then a clean EOF.
+#[test]
+fn sigterm_echoes_everything_still_in_flight() {
+    let (mut d, addr) = start("workers = 2\ngraceful_timeout = \"20s\"");
+    let c = connect(addr).unwrap();
+    let total = 8 * 1024 * 1024;
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+            let mut sent = 0;
+            while sent < total {
+                c.write_all(&chunk).unwrap();
+                sent += chunk.len();
+            }
+        })
+    };
+    // Let the buffers fill on both sides, then stop.
+    wait_for(DEADLINE, || (pending(&c) > 16 * 1024).then_some(()))
+        .unwrap_or_else(|| panic!("no echo came back; log:\n{}", d.log_text()));
+    d.signal(libc::SIGTERM);
+    let mut got = Vec::with_capacity(total);
+    let mut reader = &c;
+    reader
+        .read_to_end(&mut got)
+        .expect("a clean EOF, not a reset");
+    writer.join().unwrap();
+    assert_eq!(got.len(), total, "bytes lost in the stop");
+    assert!(
+        got.chunks(64 * 1024)
+            .all(|ch| ch.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8))
+    );
+    let status = d.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log_text());
+}

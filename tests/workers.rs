@@ -529,3 +529,51 @@ fn sighup_sigusr1_sigusr2_are_logged_and_harmless() {
     assert!(!log.contains("killed"), "log:\n{log}");
     echo_once(addr, b"still serving").unwrap();
 }
+
+/// A client that sends and never reads blocks its worker in a write; when
+/// the master dies, the worker must still leave (within ORPHAN_GRACE, 1 s),
+/// not linger with a copy of the listener.
+#[test]
+fn workers_leave_when_the_master_dies_even_with_a_stuck_client() {
+    let mut d = Daemon::start(&service(
+        "echo",
+        &["tcp://127.0.0.1:0"],
+        "echo",
+        "workers = 1\ngraceful_timeout = \"60s\"",
+    ));
+    d.wait_ready();
+    let addr = d.addr("tcp", "echo");
+    let workers = d.wait_workers(1);
+
+    // Fill both directions: the worker ends up blocked writing its echo.
+    let stuck = connect(addr).unwrap();
+    stuck.set_nonblocking(true).unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0usize;
+    let full = wait_for(DEADLINE, || match (&stuck).write(&chunk) {
+        Ok(n) => {
+            sent += n;
+            None
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock => (sent > 0).then_some(()),
+        Err(e) => panic!("write: {e}"),
+    });
+    assert!(full.is_some(), "the connection never filled up");
+
+    kill(d.pid(), libc::SIGKILL);
+    d.wait_exit(DEADLINE);
+    let gone = wait_for(Duration::from_secs(10), || {
+        workers.iter().all(|p| !alive(*p)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "worker still alive after the master died; log:\n{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("(master gone); exiting"),
+        "log:\n{}",
+        d.log_text()
+    );
+    drop(stuck);
+}

@@ -329,9 +329,9 @@ impl<'a> Connection<'a> {
     }
 
     /// Reads what the client sent, waiting for input, for the client to close,
-    /// or for the worker to be asked to stop. Input that has already arrived
-    /// is returned even when stopping, so every byte the client sent before
-    /// the stop can be answered.
+    /// or for the worker to be asked to stop. While stopping, input keeps
+    /// being returned until the client has been quiet for one [`TICK`], so
+    /// every byte the client sent before the stop can be answered.
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
         if buf.is_empty() {
             return Err(io::Error::new(
@@ -341,18 +341,18 @@ impl<'a> Connection<'a> {
         }
         loop {
             let stopping = sys::shutdown_requested();
-            let read = if stopping {
-                self.stream.read_pending(buf)
-            } else {
-                self.stream.read_some(buf)
-            };
-            match read {
+            match self.stream.read_some(buf) {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(Recv::Eof);
                 }
                 Ok(n) => return Ok(Recv::Data(n)),
-                Err(e) if stopping && e.kind() == io::ErrorKind::WouldBlock => {
+                // A whole tick without input while stopping: what the client
+                // sent before the stop has all been read (including bytes
+                // that TCP flow control held in its send buffer, and the
+                // first request of a connection accepted just before), so
+                // nothing more is owed.
+                Err(e) if stopping && e.kind() != io::ErrorKind::Interrupted && is_tick(&e) => {
                     return Ok(Recv::Shutdown);
                 }
                 Err(e) if is_tick(&e) => {}
