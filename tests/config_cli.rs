@@ -543,6 +543,33 @@ fn bind_refused(d: &mut Daemon, path: &Path, why: &str) {
     assert!(!log.contains("spawned"), "a worker was forked:\n{log}");
 }
 
+#[test]
+fn live_unix_socket_with_a_full_backlog_exits_69_at_once() {
+    // A blocking connect() would wait for ever on this socket.
+    let dir = tempdir();
+    let path = dir.path().join("full.sock");
+    let live = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    live.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+    live.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        c.set_nonblocking(true).unwrap();
+        match c.connect(&socket2::SockAddr::unix(&path).unwrap()) {
+            Ok(()) => queued.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(queued.len() < 64, "the backlog never filled");
+    }
+    let mut d = start_in(
+        dir,
+        &service("full", &["unix:{dir}/full.sock"], "echo", "workers = 1"),
+    );
+    bind_refused(&mut d, &path, "another server");
+    drop(live);
+}
+
 /// Starts `preforkd -c` on `config` in a dir the test prepared.
 fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
     let file = write_config(dir.path(), "preforkd.toml", config);

@@ -8,11 +8,16 @@ use std::process::Command;
 
 use common::*;
 
+/// strace, if it is installed and may trace here (ptrace can be forbidden
+/// in a restricted container).
 fn strace() -> Option<std::path::PathBuf> {
     let out = Command::new("which").arg("strace").output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().into())
+    let path: std::path::PathBuf = String::from_utf8_lossy(&out.stdout).trim().into();
+    let works = Command::new(&path)
+        .args(["-o", "/dev/null", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    (out.status.success() && works).then_some(path)
 }
 
 /// fork() fails (EAGAIN, as at a process limit) for the 2nd to 4th worker
@@ -21,7 +26,7 @@ fn strace() -> Option<std::path::PathBuf> {
 #[test]
 fn fork_failures_are_retried_with_backoff() {
     let Some(strace) = strace() else {
-        eprintln!("skipping: strace is not installed");
+        eprintln!("skipping: strace is not installed, or cannot trace here");
         return;
     };
     let dir = tempdir();

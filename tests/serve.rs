@@ -164,9 +164,22 @@ fn discard_daytime_chargen_per_rfc() {
     for (c, b) in reply.iter().enumerate().filter(|(c, _)| c % 74 < 72) {
         assert_eq!(*b, b' ' + ((c / 74 + c % 74) % 95) as u8);
     }
-    // The daemon keeps serving after the chargen client went away.
-    let mut s = connect(d.addr("tcp", "daytime")).unwrap();
-    assert!(!read_to_eof(&mut s).unwrap().is_empty());
+    // The chargen worker outlived its client going away mid-stream (SIGPIPE
+    // is ignored, EPIPE ends the handler) and serves the next client.
+    let mut s = connect(d.addr("tcp", "chargen")).unwrap();
+    let mut line = [0u8; 74];
+    s.read_exact(&mut line).unwrap();
+    assert_eq!(&line[72..], b"\r\n");
+    drop(s);
+    let log = d.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("worker chargen#0") && l.ends_with("spawned"))
+            .count(),
+        1,
+        "the chargen worker was replaced:\n{log}"
+    );
+    assert!(!log.contains("killed by signal"), "{log}");
 }
 
 #[test]
