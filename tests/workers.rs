@@ -154,15 +154,7 @@ fn wait_replaced(d: &Daemon, killed: &[i32], n: usize) -> Vec<i32> {
 
 #[test]
 fn sigkilled_workers_are_reaped_and_replaced_while_clients_are_served() {
-    let d = Daemon::start(&service(
-        "echo",
-        &["tcp://127.0.0.1:0"],
-        "echo",
-        "workers = 3",
-    ));
-    d.wait_ready();
-    let addr = d.addr("tcp", "echo");
-    let first = d.wait_workers(3);
+    let (d, addr, first) = start_echo("workers = 3", 3);
 
     let clients = ClientLoop::start(addr, 2);
     clients.wait_more(20, || d.log_text());
@@ -218,17 +210,19 @@ fn sigkilled_workers_are_reaped_and_replaced_while_clients_are_served() {
     echo_once(addr, b"after the kills").unwrap();
 }
 
-#[test]
-fn workers_leave_when_the_master_is_sigkilled() {
-    let mut d = Daemon::start(&service(
-        "echo",
-        &["tcp://127.0.0.1:0"],
-        "echo",
-        "workers = 3",
-    ));
+/// An echo service on a kernel-chosen TCP port, with `extra` in its table,
+/// once its `n` workers are up: the daemon, its address, the worker pids.
+fn start_echo(extra: &str, n: usize) -> (Daemon, SocketAddr, Vec<i32>) {
+    let d = Daemon::start(&service("echo", &["tcp://127.0.0.1:0"], "echo", extra));
     d.wait_ready();
     let addr = d.addr("tcp", "echo");
-    let workers = d.wait_workers(3);
+    let workers = d.wait_workers(n);
+    (d, addr, workers)
+}
+
+#[test]
+fn workers_leave_when_the_master_is_sigkilled() {
+    let (mut d, addr, workers) = start_echo("workers = 3", 3);
 
     // A worker busy with an idle connection must leave too.
     let mut idle = connect(addr).unwrap();
@@ -535,15 +529,7 @@ fn sighup_sigusr1_sigusr2_are_logged_and_harmless() {
 /// not linger with a copy of the listener.
 #[test]
 fn workers_leave_when_the_master_dies_even_with_a_stuck_client() {
-    let mut d = Daemon::start(&service(
-        "echo",
-        &["tcp://127.0.0.1:0"],
-        "echo",
-        "workers = 1\ngraceful_timeout = \"60s\"",
-    ));
-    d.wait_ready();
-    let addr = d.addr("tcp", "echo");
-    let workers = d.wait_workers(1);
+    let (mut d, addr, workers) = start_echo("workers = 1\ngraceful_timeout = \"60s\"", 1);
 
     // Fill both directions: the worker ends up blocked writing its echo.
     let stuck = connect(addr).unwrap();
