@@ -446,14 +446,6 @@ impl ListenAddr {
         matches!(self, ListenAddr::Tcp(_) | ListenAddr::Unix(_))
     }
 
-    /// The filesystem path of a Unix socket.
-    pub fn unix_path(&self) -> Option<&Path> {
-        match self {
-            ListenAddr::Unix(p) | ListenAddr::UnixGram(p) => Some(p),
-            _ => None,
-        }
-    }
-
     /// A key under which two entries conflict; None for port 0, which asks
     /// the kernel for a fresh port each time. A Unix path is one file
     /// whatever the socket type (`unix:` and `unixgram:` conflict), and

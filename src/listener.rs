@@ -164,11 +164,6 @@ impl Listener {
         }
     }
 
-    /// The socket, to hand to workers.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-
     /// A new descriptor for the same socket (for a worker to own).
     pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         self.socket.try_clone()

@@ -358,7 +358,7 @@ impl Master {
                 .boot_error
                 .clone()
                 .unwrap_or_else(|| format!("worker {} {exit} before it was ready", child.name));
-            self.fail_start(&child.name, reason);
+            self.fail_start(child.pool, &child.name, reason);
             return;
         }
         let Some(slot_idx) = child.slot.filter(|_| !stopping) else {
@@ -396,14 +396,11 @@ impl Master {
 
     /// The first generation failed: report why, stop what did start, and
     /// exit non-zero once it is gone (no crash loop at start).
-    fn fail_start(&mut self, worker: &str, reason: String) {
+    fn fail_start(&mut self, pool: usize, worker: &str, reason: String) {
         if self.boot_failure.is_some() {
             return;
         }
-        let service = worker
-            .rsplit_once('#')
-            .map_or(worker, |(s, _)| s)
-            .to_string();
+        let service = self.pools[pool].name().to_string();
         log::error!("service {service}: worker {worker} failed to boot: {reason}; stopping");
         self.boot_failure = Some(MasterError::Boot { service, reason });
         self.begin_stop(false);
@@ -583,6 +580,7 @@ impl Master {
                 child.kill_at = Some(now + FAST_STOP_GRACE);
                 if self.phase == Phase::Starting {
                     late_start = Some((
+                        child.pool,
                         child.name.clone(),
                         format!(
                             "not ready within ready_timeout ({})",
@@ -592,8 +590,8 @@ impl Master {
                 }
             }
         }
-        if let Some((name, reason)) = late_start {
-            self.fail_start(&name, reason);
+        if let Some((pool, name, reason)) = late_start {
+            self.fail_start(pool, &name, reason);
         }
     }
 

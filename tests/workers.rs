@@ -265,15 +265,8 @@ fn workers_leave_when_the_master_is_sigkilled() {
 
 #[test]
 fn max_requests_recycles_the_worker() {
-    let d = Daemon::start(&service(
-        "echo",
-        &["tcp://127.0.0.1:0"],
-        "echo",
-        "workers = 1\nmax_requests = 3",
-    ));
-    d.wait_ready();
-    let addr = d.addr("tcp", "echo");
-    let first = d.wait_workers(1)[0];
+    let (d, addr, workers) = start_echo("workers = 1\nmax_requests = 3", 1);
+    let first = workers[0];
 
     for i in 0..10 {
         let msg = format!("request {i}\n");
@@ -315,15 +308,8 @@ fn max_requests_recycles_the_worker() {
 
 #[test]
 fn sigterm_to_a_worker_makes_it_leave_gracefully_and_be_replaced() {
-    let d = Daemon::start(&service(
-        "echo",
-        &["tcp://127.0.0.1:0"],
-        "echo",
-        "workers = 1",
-    ));
-    d.wait_ready();
-    let addr = d.addr("tcp", "echo");
-    let worker = d.wait_workers(1)[0];
+    let (d, addr, workers) = start_echo("workers = 1", 1);
+    let worker = workers[0];
     let mut idle = connect(addr).unwrap();
     idle.write_all(b"ping").unwrap();
     let mut buf = [0u8; 4];
