@@ -111,6 +111,22 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
             return boot_failed(spec.ready, &format!("cannot set socket options: {e}"));
         }
     }
+    // Started before the worker reports ready: a worker whose stop could not
+    // be bounded must not serve at all.
+    let watchdog = Watchdog {
+        name: name.clone(),
+        master: spec.master,
+        graceful: spec.service.graceful_timeout,
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || watchdog.run())
+    {
+        return boot_failed(
+            spec.ready,
+            &format!("cannot start the watchdog thread: {e}"),
+        );
+    }
     // Tell the master we are ready; closing the pipe ends the message.
     let mut ready = std::fs::File::from(spec.ready);
     if ready.write_all(b"ready\n").is_err() {
@@ -132,18 +148,6 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         budget,
         failed: AtomicBool::new(false),
     };
-    let watchdog = Watchdog {
-        name: name.clone(),
-        master: spec.master,
-        graceful: spec.service.graceful_timeout,
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("watchdog".into())
-        .spawn(move || watchdog.run())
-    {
-        log::error!("worker {name}: cannot start the watchdog thread: {e}");
-        return code::SETUP_ERROR;
-    }
     worker.serve(spec.service.threads);
     if worker.failed.load(Ordering::SeqCst) {
         // Not a clean exit: the master backs off instead of respawning at once.
