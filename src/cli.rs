@@ -1,18 +1,23 @@
-//! The command line: `preforkd [-c FILE] [run|check|print-config]`.
+//! The command line: `preforkd [-c FILE] [run|check|print-config|status|
+//! reload|upgrade|stop|scale]`.
 //!
 //! [`main`] is the whole binary; [`main_with`] is the same CLI with a
 //! registry of your own plugins, for binaries that embed preforkd.
 //! Errors are mapped to exit codes here and nowhere else.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 
 use crate::config::{Config, ConfigError};
+use crate::control::{self, Request};
 use crate::exit::code;
 use crate::handler::Registry;
-use crate::master::Master;
+use crate::master::{Master, Startup};
 use crate::sys;
+use crate::upgrade::{Exec, Inherited};
 
 /// preforkd: a pre-fork daemon for any socket service.
 #[derive(Debug, Parser)]
@@ -37,6 +42,34 @@ pub enum Command {
     Check,
     /// Print the effective config, defaults filled in.
     PrintConfig,
+    /// Show the running master's state (needs `[control] socket`).
+    Status {
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the config; waits until it has succeeded (exit 0) or failed (1).
+    Reload(Wait),
+    /// Binary upgrade: start the binary on disk as the new master; waits
+    /// until it has taken over (exit 0) or failed (1).
+    Upgrade(Wait),
+    /// Graceful stop; waits until the master has exited.
+    Stop(Wait),
+    /// Set a service's number of workers until the next reload.
+    Scale {
+        /// The service.
+        service: String,
+        /// Its number of workers (1 to 4096).
+        workers: u32,
+    },
+}
+
+/// How long a control command waits for the outcome.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Wait {
+    /// Give up waiting after this long (the operation goes on).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Runs the `preforkd` binary with the built-in plugins; never returns.
@@ -96,35 +129,363 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
             }
             Err(e) => config_error(&e),
         },
-        Command::Run => {
-            let config = match load(&cli, registry) {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
-            };
-            crate::log::init(config.log.level.filter());
-            if cli.config.is_none() {
-                log::info!(
-                    "no --config given: serving the embedded default (echo on tcp://127.0.0.1:8009, 2 workers)"
-                );
-            } else {
-                log::info!("configuration {}", config.source);
+        Command::Run => serve(&cli, registry),
+        Command::Status { json } => {
+            let json = *json;
+            with_control(
+                &cli,
+                registry,
+                Request::Status,
+                Duration::from_secs(10),
+                |v| {
+                    if json {
+                        println!("{v}");
+                    } else {
+                        print!("{}", status_table(v));
+                    }
+                },
+            )
+        }
+        Command::Reload(w) => request(&cli, registry, Request::Reload, w, libc::SIGHUP),
+        Command::Upgrade(w) => request(&cli, registry, Request::Upgrade, w, libc::SIGUSR2),
+        Command::Stop(w) => request(&cli, registry, Request::Stop, w, libc::SIGTERM),
+        Command::Scale { service, workers } => with_control(
+            &cli,
+            registry,
+            Request::Scale {
+                service: service.clone(),
+                workers: *workers,
+            },
+            Duration::from_secs(10),
+            |v| {
+                println!(
+                    "service {service}: {} workers (was {})",
+                    v["workers"], v["was"]
+                )
+            },
+        ),
+    }
+}
+
+/// `run`: the master, in the foreground.
+fn serve(cli: &Cli, registry: &Registry) -> i32 {
+    // A binary upgrade's new master: take what the old one handed over
+    // before anything else can see it.
+    let mut inherited = match Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            log::error!("binary upgrade: {e}");
+            return code::SOFTWARE;
+        }
+    };
+    let config = match load(cli, registry) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(i) = &mut inherited {
+                i.report_error(&e.to_string());
             }
-            if let Err(e) = sys::init_title() {
-                log::debug!("process titles unavailable: {e}");
-            }
-            let result = Master::new(&config, registry).and_then(Master::run);
-            match result {
-                Ok(c) => c,
-                Err(e) => {
-                    log::error!("{e}");
-                    e.exit_code()
-                }
-            }
+            return config_error(&e);
+        }
+    };
+    crate::log::init(config.log.level.filter());
+    if cli.config.is_none() {
+        log::info!(
+            "no --config given: serving the embedded default (echo on tcp://127.0.0.1:8009, 2 workers)"
+        );
+    } else {
+        log::info!("configuration {}", config.source);
+    }
+    if let Err(e) = sys::init_title() {
+        log::debug!("process titles unavailable: {e}");
+    }
+    // What the next master runs: this binary, by the path it was started
+    // from, with the config made absolute.
+    let config_path = match cli.config.as_deref().map(std::path::absolute).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("cannot resolve the config path: {e}");
+            return code::SOFTWARE;
+        }
+    };
+    let mut args = Vec::new();
+    if let Some(p) = &config_path {
+        args.push("--config".into());
+        args.push(p.clone().into_os_string());
+    }
+    args.push("run".into());
+    let exec = match Exec::current(args) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            log::warn!("binary upgrades are unavailable: cannot find this program's path: {e}");
+            None
+        }
+    };
+    let startup = Startup {
+        config_path,
+        exec,
+        inherited,
+    };
+    let result = Master::new(config, registry.clone(), startup).and_then(Master::run);
+    match result {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            e.exit_code()
         }
     }
+}
+
+/// Sends `request` over the control socket and hands the successful
+/// answer to `show`; a failed one is printed, exit 1.
+fn with_control(
+    cli: &Cli,
+    registry: &Registry,
+    request: Request,
+    timeout: Duration,
+    show: impl FnOnce(&Value),
+) -> i32 {
+    let ends = match endpoints(cli, registry) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let Some(path) = &ends.control else {
+        eprintln!(
+            "preforkd: {}: no [control] socket configured; {} needs one",
+            ends.source,
+            request.to_line()
+        );
+        return code::FAILED;
+    };
+    call(path, &request, timeout, show)
+}
+
+fn call(path: &Path, request: &Request, timeout: Duration, show: impl FnOnce(&Value)) -> i32 {
+    match control::call(path, request, timeout) {
+        Ok(v) if v["ok"] == Value::Bool(true) => {
+            show(&v);
+            code::OK
+        }
+        Ok(v) => {
+            let reason = v["error"].as_str().unwrap_or("failed without a reason");
+            eprintln!("preforkd: {}: {reason}", request.to_line());
+            code::FAILED
+        }
+        Err(e) => {
+            eprintln!("preforkd: {}: {e}", request.to_line());
+            code::FAILED
+        }
+    }
+}
+
+/// `reload`, `upgrade`, `stop`: over the control socket, waiting for the
+/// outcome; without one, a signal to the pid in the pid file.
+fn request(cli: &Cli, registry: &Registry, request: Request, wait: &Wait, signal: i32) -> i32 {
+    let ends = match endpoints(cli, registry) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    if let Some(path) = &ends.control {
+        return call(path, &request, wait.timeout, |v| match &request {
+            Request::Reload => println!(
+                "reloaded: generation {} serving (took {:.1} ms)",
+                v["generation"],
+                v["elapsed_ms"].as_f64().unwrap_or(0.0)
+            ),
+            Request::Upgrade => println!(
+                "upgraded: master pid {} took over from pid {}",
+                v["new_pid"], v["old_pid"]
+            ),
+            _ => println!("stopped: master pid {} has exited", v["pid"]),
+        });
+    }
+    let Some(pid_file) = &ends.pid_file else {
+        eprintln!(
+            "preforkd: {}: neither [control] socket nor [daemon] pid_file is configured: cannot find the master",
+            ends.source
+        );
+        return code::FAILED;
+    };
+    let pid = match std::fs::read_to_string(pid_file)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            s.trim()
+                .parse::<i32>()
+                .map_err(|_| format!("no pid in {s:?}"))
+        }) {
+        Ok(p) if p > 1 => p,
+        Ok(p) => {
+            eprintln!("preforkd: {}: bad pid {p}", pid_file.display());
+            return code::FAILED;
+        }
+        Err(e) => {
+            eprintln!("preforkd: {}: {e}", pid_file.display());
+            return code::FAILED;
+        }
+    };
+    let sig = nix::sys::signal::Signal::try_from(signal).expect("a valid signal");
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) => {
+            println!(
+                "sent {} to master pid {pid}; without a [control] socket the outcome cannot be reported: see the log",
+                sig.as_str()
+            );
+            code::OK
+        }
+        Err(e) => {
+            eprintln!(
+                "preforkd: cannot signal master pid {pid} (from {}): {e}",
+                pid_file.display()
+            );
+            code::FAILED
+        }
+    }
+}
+
+/// Where to reach a running master, from its config file.
+struct Endpoints {
+    source: String,
+    control: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+}
+
+/// Reads the control socket and pid file paths from the config. A config
+/// with errors still names them (a reload must reach the master, which
+/// then reports those errors): when full validation fails, the two keys
+/// are read from the TOML table, or, when even the TOML syntax is broken,
+/// from `key = "value"` lines under `[control]` and `[daemon]`.
+fn endpoints(cli: &Cli, registry: &Registry) -> Result<Endpoints, i32> {
+    match load(cli, registry) {
+        Ok(c) => Ok(Endpoints {
+            source: c.source.to_string(),
+            control: c.control.path().map(Path::to_owned),
+            pid_file: c.daemon.pid_file.clone(),
+        }),
+        Err(e) => {
+            let path = match (&e, &cli.config) {
+                (ConfigError::Invalid { .. }, Some(p)) => p,
+                _ => return Err(config_error(&e)),
+            };
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let (control, pid_file) = lenient_endpoints(&text);
+            if control.is_none() && pid_file.is_none() {
+                return Err(config_error(&e));
+            }
+            Ok(Endpoints {
+                source: path.display().to_string(),
+                control,
+                pid_file,
+            })
+        }
+    }
+}
+
+/// `[control] socket` and `[daemon] pid_file` from a config that does not
+/// validate.
+fn lenient_endpoints(text: &str) -> (Option<PathBuf>, Option<PathBuf>) {
+    if let Ok(t) = text.parse::<toml::Table>() {
+        let get = |table: &str, key: &str| {
+            t.get(table)
+                .and_then(|v| v.get(key))
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+        };
+        return (get("control", "socket"), get("daemon", "pid_file"));
+    }
+    let (mut control, mut pid_file, mut section) = (None, None, String::new());
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line.trim_matches(['[', ']', ' ']).to_string();
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches(['"', '\'']).to_string();
+        match (section.as_str(), key.trim()) {
+            ("control", "socket") => control = Some(PathBuf::from(value)),
+            ("daemon", "pid_file") => pid_file = Some(PathBuf::from(value)),
+            _ => {}
+        }
+    }
+    (control, pid_file)
+}
+
+/// The status document as a table.
+pub fn status_table(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let secs = v["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+    let _ = writeln!(
+        out,
+        "master pid {}, {}, up {}, generation {}, config {}",
+        v["pid"],
+        v["state"].as_str().unwrap_or("?"),
+        humantime::format_duration(Duration::from_secs(secs)),
+        v["generation"],
+        v["config"].as_str().unwrap_or("?")
+    );
+    if let Some(m) = v["reload"]["last"]["message"].as_str() {
+        let _ = writeln!(out, "last reload: {m}");
+    }
+    for svc in v["services"].as_array().into_iter().flatten() {
+        let listeners: Vec<&str> = svc["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nservice {} (plugin {}, {} workers): {}",
+            svc["name"].as_str().unwrap_or("?"),
+            svc["plugin"].as_str().unwrap_or("-"),
+            svc["size"],
+            listeners.join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",
+            "PID", "WORKER", "GEN", "STATE", "SERVED", "ACTIVE", "AGE"
+        );
+        for w in svc["workers"].as_array().into_iter().flatten() {
+            let age = Duration::from_secs(w["age_ms"].as_u64().unwrap_or(0) / 1000);
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",
+                w["pid"].to_string(),
+                w["name"].as_str().unwrap_or("?"),
+                w["generation"].to_string(),
+                w["state"].as_str().unwrap_or("?"),
+                w["served"].to_string(),
+                w["active"].to_string(),
+                humantime::format_duration(age).to_string()
+            );
+        }
+    }
+    out
 }
 
 fn config_error(e: &ConfigError) -> i32 {
     eprintln!("preforkd: {e}");
     code::CONFIG
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_survive_a_broken_config() {
+        let valid_toml = "[control]\nsocket = \"/run/p.sock\"\n[daemon]\npid_file = \"/run/p.pid\"\n[[service]]\nname = 3\n";
+        assert_eq!(
+            lenient_endpoints(valid_toml),
+            (Some("/run/p.sock".into()), Some("/run/p.pid".into()))
+        );
+        let broken = "[daemon]\npid_file = '/run/p.pid'\n[control]\nsocket = \"/run/p.sock\"\n[[service]]\nworkers = x\n";
+        assert_eq!(
+            lenient_endpoints(broken),
+            (Some("/run/p.sock".into()), Some("/run/p.pid".into()))
+        );
+        assert_eq!(lenient_endpoints("workers = x"), (None, None));
+    }
 }

@@ -77,6 +77,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The control socket.
+    #[serde(default)]
+    pub control: ControlConfig,
     /// The `[[service]]` pools; at least one.
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -90,12 +93,43 @@ fn embedded() -> Source {
 }
 
 /// `[daemon]`: settings of the master process.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Where the master writes its pid (removed on exit). None: no pid file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_file: Option<PathBuf>,
+    /// How long a binary upgrade may take: the new master must have its
+    /// first generation ready within it, or the old master kills it and
+    /// carries on.
+    #[serde(default = "sixty_seconds", with = "nonzero_duration")]
+    pub upgrade_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> DaemonConfig {
+        DaemonConfig {
+            pid_file: None,
+            upgrade_timeout: sixty_seconds(),
+        }
+    }
+}
+
+/// `[control]`: the master's control socket (`preforkd status`, `reload`, ...).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// A Unix stream socket the master creates with mode 0600. None: no
+    /// control socket; the CLI falls back to the pid file and signals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<Spanned<PathBuf>>,
+}
+
+impl ControlConfig {
+    /// The socket's path, if one is configured.
+    pub fn path(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|s| s.get_ref().as_path())
+    }
 }
 
 /// `[log]`.
@@ -191,6 +225,28 @@ pub struct ServiceConfig {
     pub handler: HandlerConfig,
 }
 
+impl ServiceConfig {
+    /// Each listen address with the key that names its socket across
+    /// reloads and binary upgrades: the address as written, or, for a port
+    /// 0 address (a socket of its own each time it is written), the address
+    /// with the service name and its place in the list.
+    pub fn listen_keys(&self) -> Vec<(String, ListenAddr)> {
+        self.addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let key = match a {
+                    ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) if sa.port() == 0 => {
+                        format!("{a} ({}#{i})", self.name.get_ref())
+                    }
+                    _ => a.to_string(),
+                };
+                (key, a.clone())
+            })
+            .collect()
+    }
+}
+
 /// `[service.handler]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -207,6 +263,9 @@ fn one() -> u32 {
 }
 fn thirty_seconds() -> Duration {
     Duration::from_secs(30)
+}
+fn sixty_seconds() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_backlog() -> i32 {
     1024
@@ -565,7 +624,16 @@ impl Config {
             return Err((0..0, "no [[service]] defined: expected at least one".into()));
         }
         let mut names: HashMap<&str, ()> = HashMap::new();
-        let mut addrs: HashMap<String, &str> = HashMap::new();
+        let mut addrs: HashMap<String, String> = HashMap::new();
+        if let Some(socket) = &self.control.socket {
+            let addr = format!("unix:{}", socket.get_ref().display())
+                .parse::<ListenAddr>()
+                .map_err(|e| (socket.span(), format!("control socket: {e}")))?;
+            addrs.insert(
+                addr.conflict_key().expect("a path"),
+                "[control] socket".into(),
+            );
+        }
         for svc in &self.services {
             let name = svc.name.get_ref().as_str();
             if names.insert(name, ()).is_some() {
@@ -582,13 +650,11 @@ impl Config {
             }
             for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
                 if let Some(key) = addr.conflict_key()
-                    && let Some(other) = addrs.insert(key, name)
+                    && let Some(other) = addrs.insert(key, format!("service {name:?}"))
                 {
                     return Err((
                         written.span(),
-                        format!(
-                            "duplicate listen address {addr}: already used by service {other:?}"
-                        ),
+                        format!("duplicate listen address {addr}: already used by {other}"),
                     ));
                 }
             }

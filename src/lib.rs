@@ -57,11 +57,14 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod exit;
 pub mod handler;
 pub mod listener;
 pub mod log;
 pub mod master;
+pub mod scoreboard;
 pub mod signals;
 pub mod sys;
+pub mod upgrade;
 pub mod worker;

@@ -51,6 +51,10 @@ pub enum ListenError {
 /// A bound (and, for streams, listening) socket owned by the master.
 #[derive(Debug)]
 pub struct Listener {
+    /// What names the socket across reloads and upgrades (see
+    /// [`crate::config::ServiceConfig::listen_keys`]); the address as
+    /// written unless the master sets another.
+    pub key: String,
     /// The address as configured.
     pub addr: ListenAddr,
     /// The address actually bound (port 0 resolved to the kernel's choice).
@@ -59,6 +63,10 @@ pub struct Listener {
     /// The socket file we created: path, device and inode, so that exit
     /// removes it only if it is still ours.
     created: Option<(PathBuf, u64, u64)>,
+    /// Inherited from the previous master in a binary upgrade that has not
+    /// completed: the previous master still serves on it, so it must never
+    /// be shut down, nor its file removed, until the handover is confirmed.
+    pub shared: bool,
 }
 
 impl Listener {
@@ -112,10 +120,12 @@ impl Listener {
                     ListenAddr::Udp(local)
                 };
                 Ok(Listener {
+                    key: addr.to_string(),
                     addr: addr.clone(),
                     bound,
                     socket: socket.into(),
                     created: None,
+                    shared: false,
                 })
             }
             ListenAddr::Unix(path) | ListenAddr::UnixGram(path) => {
@@ -137,10 +147,12 @@ impl Listener {
                 let meta = std::fs::symlink_metadata(path).map_err(sys("stat"))?;
                 let created = Some((path.clone(), meta.dev(), meta.ino()));
                 let mut listener = Listener {
+                    key: addr.to_string(),
                     addr: addr.clone(),
                     bound: addr.clone(),
                     socket: socket.into(),
                     created,
+                    shared: false,
                 };
                 // From here on, a failure removes the file we just made.
                 let finish = |l: &Listener| -> Result<(), ListenError> {
@@ -162,6 +174,113 @@ impl Listener {
                 Ok(listener)
             }
         }
+    }
+
+    /// Takes over a socket inherited from the previous master (binary
+    /// upgrade): checks that it is a socket of `addr`'s kind, bound where
+    /// `addr` says (any port when `addr` has port 0), and makes it
+    /// nonblocking and close-on-exec. The Unix socket file becomes ours to
+    /// remove at exit once the handover is confirmed.
+    pub fn adopt(addr: &ListenAddr, fd: OwnedFd) -> Result<Listener, ListenError> {
+        let fail = |syscall: &'static str, source: io::Error| ListenError::Sys {
+            addr: addr.clone(),
+            syscall,
+            source,
+        };
+        let socket = Socket::from(fd);
+        let ty = socket
+            .r#type()
+            .map_err(|e| fail("getsockopt(SO_TYPE)", e))?;
+        let want = if addr.is_stream() {
+            Type::STREAM
+        } else {
+            Type::DGRAM
+        };
+        let local = socket.local_addr().map_err(|e| fail("getsockname", e))?;
+        let mismatch = |what: String| {
+            fail(
+                "adopt",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the inherited socket is {what}"),
+                ),
+            )
+        };
+        if ty != want {
+            return Err(mismatch(format!("of type {ty:?}")));
+        }
+        let (bound, created) = match addr {
+            ListenAddr::Tcp(want) | ListenAddr::Udp(want) => {
+                let got = local
+                    .as_socket()
+                    .ok_or_else(|| mismatch("not an inet socket".into()))?;
+                if got.ip() != want.ip() || (want.port() != 0 && got.port() != want.port()) {
+                    return Err(mismatch(format!("bound to {got}")));
+                }
+                let bound = if addr.is_stream() {
+                    ListenAddr::Tcp(got)
+                } else {
+                    ListenAddr::Udp(got)
+                };
+                (bound, None)
+            }
+            ListenAddr::Unix(path) | ListenAddr::UnixGram(path) => {
+                if local.as_pathname() != Some(path.as_path()) {
+                    return Err(mismatch(format!("bound to {:?}", local.as_pathname())));
+                }
+                let created = std::fs::symlink_metadata(path)
+                    .ok()
+                    .map(|m| (path.clone(), m.dev(), m.ino()));
+                (addr.clone(), created)
+            }
+        };
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| fail("fcntl(O_NONBLOCK)", e))?;
+        crate::sys::set_cloexec(socket.as_fd(), true).map_err(|e| fail("fcntl(FD_CLOEXEC)", e))?;
+        Ok(Listener {
+            key: addr.to_string(),
+            addr: addr.clone(),
+            bound,
+            socket: socket.into(),
+            created,
+            shared: true,
+        })
+    }
+
+    /// Sets or clears close-on-exec (cleared only for the moment a binary
+    /// upgrade execs the next master).
+    pub fn set_cloexec(&self, on: bool) -> io::Result<()> {
+        crate::sys::set_cloexec(self.socket.as_fd(), on)
+    }
+
+    /// The descriptor number, for the environment of the next master.
+    pub fn raw_fd(&self) -> i32 {
+        self.socket.as_raw_fd()
+    }
+
+    /// Applies a new backlog and socket file mode to a listener that a
+    /// reload keeps: listen(2) again and chmod the file.
+    pub fn update(&self, backlog: i32, mode: SocketMode) -> io::Result<()> {
+        if self.addr.is_stream() {
+            socket2::SockRef::from(&self.socket).listen(backlog)?;
+        }
+        if let ListenAddr::Unix(path) | ListenAddr::UnixGram(path) = &self.addr {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode.0))?;
+        }
+        Ok(())
+    }
+
+    /// Accepts one connection on a Unix stream listener (the control
+    /// socket), close-on-exec.
+    pub fn accept_unix(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        let (s, _) = socket2::SockRef::from(&self.socket).accept()?;
+        Ok(std::os::unix::net::UnixStream::from(OwnedFd::from(s)))
+    }
+
+    /// Forgets the socket file: another master owns it now.
+    pub fn forget_file(&mut self) {
+        self.created = None;
     }
 
     /// A new descriptor for the same socket (for a worker to own).
@@ -266,6 +385,12 @@ pub enum WorkerSocket {
     Udp(std::net::UdpSocket),
     /// Unix datagram socket.
     UnixGram(UnixDatagram),
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
 }
 
 impl WorkerSocket {

@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -25,12 +25,17 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
-use crate::config::{Config, ServiceConfig};
+use serde_json::{Value, json};
+
+use crate::config::{Config, ListenAddr, ServiceConfig, SocketMode};
+use crate::control::{self, ClientId, Request};
 use crate::exit::{ChildExit, code};
 use crate::handler::{PluginInfo, Registry};
 use crate::listener::{ListenError, Listener};
+use crate::scoreboard::Scoreboard;
 use crate::signals::{Event, Signals};
 use crate::sys::{self, Forked};
+use crate::upgrade::{self, Exec, Inherited};
 use crate::worker::{self, WorkerSpec};
 
 /// A worker that fails (is killed, or exits non-zero) sooner than this after
@@ -43,6 +48,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a fast stop (SIGINT, SIGQUIT) waits before SIGKILL.
 pub const FAST_STOP_GRACE: Duration = Duration::from_secs(1);
+/// Largest pool SIGTTIN or `scale` make.
+pub const MAX_WORKERS: usize = 4096;
+/// listen(2) backlog of the control socket.
+const CONTROL_BACKLOG: i32 = 64;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +106,18 @@ fn sys_err(syscall: &'static str) -> impl FnOnce(io::Error) -> MasterError {
 pub enum Phase {
     /// The first generation is booting; a boot failure stops everything.
     Starting,
-    /// Serving; dead workers are replaced.
+    /// Serving; dead workers are replaced; reloads and upgrades may run.
     Running,
     /// Stopping: nothing is respawned; exit once no child is left.
     Stopping {
         /// SIGINT/SIGQUIT (workers exit now) rather than SIGTERM (drain).
         fast: bool,
+    },
+    /// A binary upgrade handed everything to the next master: the workers
+    /// drain, then this master exits, touching no listener or file.
+    Retiring {
+        /// The master that took over.
+        successor: Pid,
     },
 }
 
@@ -118,34 +133,65 @@ struct Slot {
     respawn_at: Option<Instant>,
 }
 
-/// One `[[service]]`: its config, listeners and slots.
+/// One `[[service]]` of one generation: its config, listeners and slots.
 struct Pool {
-    /// The service's configuration (owned by the pool, shared with workers
-    /// through fork).
+    /// The service's configuration (shared with workers through fork).
     config: ServiceConfig,
     /// The plugin the workers initialise (only its name is used here).
     plugin: PluginInfo,
-    /// Bound in the master; closed only when the master stops.
-    listeners: Vec<Listener>,
+    /// Keys into `Master::listeners`.
+    listeners: Vec<String>,
     /// The pool's size is `slots.len()`.
     slots: Vec<Slot>,
 }
 
 impl Pool {
+    fn new(config: &ServiceConfig, registry: &Registry) -> Pool {
+        let plugin = registry
+            .get(config.handler.plugin.get_ref())
+            .expect("config validation checked the plugin name")
+            .clone();
+        Pool {
+            config: config.clone(),
+            plugin,
+            listeners: config.listen_keys().into_iter().map(|(k, _)| k).collect(),
+            slots: (0..config.workers.resolve())
+                .map(|_| Slot::default())
+                .collect(),
+        }
+    }
+
     fn name(&self) -> &str {
         self.config.name.get_ref().as_str()
+    }
+
+    fn all_ready(&self, children: &HashMap<Pid, Child>) -> bool {
+        self.slots.iter().all(|s| {
+            s.pid
+                .and_then(|pid| children.get(&pid))
+                .is_some_and(|c| c.ready)
+        })
     }
 }
 
 /// A forked worker, as the master tracks it.
 struct Child {
-    /// Index into `Master::pools`.
+    /// The generation it belongs to.
+    generation: u64,
+    /// Index into its generation's pools.
     pool: usize,
-    /// The slot it fills; None once retired (scaled down, stopping).
+    /// The slot it fills; None once retired (scaled down, old generation,
+    /// stopping).
     slot: Option<usize>,
     /// `SERVICE#N`, for logs.
     name: String,
+    /// The service name, for status.
+    service: String,
     started: Instant,
+    /// Killed if not ready by then.
+    ready_deadline: Instant,
+    /// Its service's `graceful_timeout`.
+    graceful: Duration,
     /// Read end of the ready pipe until the worker's message arrives.
     ready_pipe: Option<OwnedFd>,
     /// Whether it said `ready`.
@@ -154,80 +200,241 @@ struct Child {
     boot_error: Option<String>,
     /// When to SIGKILL it: set when it is asked to stop.
     kill_at: Option<Instant>,
+    /// Its scoreboard slot.
+    board: Option<usize>,
+}
+
+/// A reload whose new generation is booting.
+struct Reload {
+    generation: u64,
+    config: Config,
+    pools: Vec<Pool>,
+    /// Listeners bound for it (keys): closed again if it fails.
+    added: Vec<String>,
+    started: Instant,
+    /// Control clients waiting for the outcome.
+    waiters: Vec<ClientId>,
+}
+
+/// A binary upgrade whose new master is booting.
+struct Upgrade {
+    pid: Pid,
+    /// Its readiness pipe (read end).
+    pipe: Option<OwnedFd>,
+    started: Instant,
+    deadline: Instant,
+    waiters: Vec<ClientId>,
+}
+
+/// How the last reload ended, for status.
+#[derive(Debug, Clone)]
+struct Outcome {
+    generation: u64,
+    ok: bool,
+    message: String,
+    at: SystemTime,
+}
+
+/// What the master needs besides the config: where the config came from
+/// (to read it again on reload), how to run the next master (binary
+/// upgrade), and what a previous master handed over.
+#[derive(Default)]
+pub struct Startup {
+    /// The config file (None: the embedded default).
+    pub config_path: Option<PathBuf>,
+    /// The next master's command line; None: upgrades are refused.
+    pub exec: Option<Exec>,
+    /// Sockets and the readiness pipe from the previous master.
+    pub inherited: Option<Inherited>,
 }
 
 /// The master process's whole state.
 pub struct Master {
     phase: Phase,
+    registry: Registry,
+    config: Config,
+    config_path: Option<PathBuf>,
+    exec: Option<Exec>,
+    /// The generation in force, and its pools.
+    generation: u64,
     pools: Vec<Pool>,
+    /// The highest generation number handed out (failed reloads use one).
+    last_generation: u64,
+    reload: Option<Reload>,
+    /// A reload asked for while another is in progress or a generation
+    /// still drains: the clients waiting for it (none for SIGHUP).
+    pending_reload: Option<Vec<ClientId>>,
+    last_reload: Option<Outcome>,
+    upgrade: Option<Upgrade>,
+    pending_upgrade: Option<Vec<ClientId>>,
+    /// Control clients waiting for the stop to end.
+    stop_waiters: Vec<ClientId>,
+    /// Every listening socket, shared by the generations that name it.
+    listeners: Vec<Listener>,
+    control: Option<control::Server>,
+    /// Set in a new master until the old one has been told we are ready.
+    handover: Option<(OwnedFd, Option<i32>)>,
     children: HashMap<Pid, Child>,
+    board: Scoreboard,
     signals: Signals,
     pid: Pid,
     pid_file: Option<PathBuf>,
+    started: Instant,
     /// Set when the first generation fails; the master exits with it.
     boot_failure: Option<MasterError>,
 }
 
+/// Finds the listener named `key`.
+fn find<'a>(listeners: &'a [Listener], key: &str) -> Option<&'a Listener> {
+    listeners.iter().find(|l| l.key == key)
+}
+
+/// Binds `addr`, or adopts the socket the previous master handed over for it.
+fn open_listener(
+    addr: &ListenAddr,
+    backlog: i32,
+    mode: SocketMode,
+    inherited: Option<&mut Inherited>,
+    key: &str,
+) -> Result<Listener, ListenError> {
+    let mut l = match inherited.and_then(|i| i.fds.remove(key)) {
+        Some(fd) => {
+            let l = Listener::adopt(addr, fd)?;
+            log::info!("adopted {} from the previous master", l.bound);
+            l
+        }
+        None => Listener::bind(addr, backlog, mode)?,
+    };
+    l.key = key.to_string();
+    Ok(l)
+}
+
 impl Master {
-    /// Binds every listener and installs the signal handlers. Nothing is
-    /// forked yet; a bind failure leaves no socket file behind.
-    pub fn new(config: &Config, registry: &Registry) -> Result<Master, MasterError> {
+    /// Binds (or adopts) every listener and the control socket, and
+    /// installs the signal handlers. Nothing is forked yet; a bind failure
+    /// leaves no socket file behind.
+    pub fn new(
+        config: Config,
+        registry: Registry,
+        startup: Startup,
+    ) -> Result<Master, MasterError> {
         sys::assert_single_threaded().map_err(sys_err("assert_single_threaded"))?;
-        let mut pools: Vec<Pool> = Vec::new();
+        let Startup {
+            config_path,
+            exec,
+            mut inherited,
+        } = startup;
+        let mut listeners: Vec<Listener> = Vec::new();
+        let cleanup = |listeners: &mut Vec<Listener>| {
+            for l in listeners.iter_mut().filter(|l| !l.shared) {
+                l.remove_file();
+            }
+        };
         for svc in &config.services {
-            let mut listeners = Vec::new();
-            for addr in &svc.addrs {
-                match Listener::bind(addr, svc.backlog, svc.socket_mode) {
-                    Ok(l) => listeners.push(l),
+            for (key, addr) in svc.listen_keys() {
+                if find(&listeners, &key).is_some() {
+                    continue;
+                }
+                match open_listener(
+                    &addr,
+                    svc.backlog,
+                    svc.socket_mode,
+                    inherited.as_mut(),
+                    &key,
+                ) {
+                    Ok(l) => {
+                        log::info!("listening on {} (service {})", l.bound, svc.name.get_ref());
+                        listeners.push(l);
+                    }
                     Err(e) => {
-                        remove_files(pools.iter_mut().flat_map(|p| &mut p.listeners));
-                        remove_files(&mut listeners);
+                        cleanup(&mut listeners);
                         return Err(e.into());
                     }
                 }
             }
-            for l in &listeners {
-                log::info!("listening on {} (service {})", l.bound, svc.name.get_ref());
+        }
+        let control = match config.control.path() {
+            None => None,
+            Some(path) => {
+                match open_listener(
+                    &ListenAddr::Unix(path.to_owned()),
+                    CONTROL_BACKLOG,
+                    SocketMode(0o600),
+                    inherited.as_mut(),
+                    &upgrade::control_key(path),
+                ) {
+                    Ok(l) => {
+                        log::info!("control socket {}", path.display());
+                        Some(control::Server::new(l))
+                    }
+                    Err(e) => {
+                        cleanup(&mut listeners);
+                        return Err(e.into());
+                    }
+                }
             }
-            let plugin = registry
-                .get(svc.handler.plugin.get_ref())
-                .expect("config validation checked the plugin name")
-                .clone();
-            let n = svc.workers.resolve() as usize;
-            pools.push(Pool {
-                config: svc.clone(),
-                plugin,
-                listeners,
-                slots: (0..n).map(|_| Slot::default()).collect(),
-            });
+        };
+        let mut handover = None;
+        let mut generation = 1;
+        if let Some(inh) = inherited {
+            for key in inh.fds.keys() {
+                log::warn!(
+                    "the previous master handed over {key}, which the config no longer names; closing it"
+                );
+            }
+            generation = inh.generation + 1;
+            if let Some(notify) = inh.notify {
+                handover = Some((notify, inh.from));
+            }
         }
         let pid = nix::unistd::getpid();
         let pid_file = config.daemon.pid_file.clone();
-        let setup = || -> Result<Signals, MasterError> {
-            if let Some(path) = &pid_file {
-                std::fs::write(path, format!("{pid}\n")).map_err(|source| {
-                    MasterError::PidFile {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+        let setup = || -> Result<(Signals, Scoreboard), MasterError> {
+            // A new master of an upgrade writes the pid file once it is
+            // ready: until then the old master is the one to signal.
+            if handover.is_none() {
+                write_pid_file(pid_file.as_deref(), pid)?;
             }
-            Signals::install().map_err(sys_err("sigaction"))
+            let board = Scoreboard::new().map_err(sys_err("mmap"))?;
+            let signals = Signals::install().map_err(sys_err("sigaction"))?;
+            Ok((signals, board))
         };
-        let signals = match setup() {
+        let (signals, board) = match setup() {
             Ok(s) => s,
             Err(e) => {
-                remove_files(pools.iter_mut().flat_map(|p| &mut p.listeners));
+                cleanup(&mut listeners);
                 return Err(e);
             }
         };
+        let pools = config
+            .services
+            .iter()
+            .map(|svc| Pool::new(svc, &registry))
+            .collect();
         Ok(Master {
             phase: Phase::Starting,
+            registry,
+            config,
+            config_path,
+            exec,
+            generation,
             pools,
+            last_generation: generation,
+            reload: None,
+            pending_reload: None,
+            last_reload: None,
+            upgrade: None,
+            pending_upgrade: None,
+            stop_waiters: Vec::new(),
+            listeners,
+            control,
+            handover,
             children: HashMap::new(),
+            board,
             signals,
             pid,
             pid_file,
+            started: Instant::now(),
             boot_failure: None,
         })
     }
@@ -237,45 +444,86 @@ impl Master {
         sys::set_title("preforkd: master");
         let total: usize = self.pools.iter().map(|p| p.slots.len()).sum();
         log::info!(
-            "master pid {} starting {total} workers in {} services",
+            "master pid {} starting {total} workers in {} services (generation {})",
             self.pid,
-            self.pools.len()
+            self.pools.len(),
+            self.generation
         );
         self.spawn_missing();
         loop {
-            let readable = self.wait()?;
+            let woke = self.wait()?;
             let events = self.signals.drain();
             self.reap();
-            for pid in readable {
+            for pid in woke.ready {
                 self.read_ready(pid);
+            }
+            if woke.upgrade {
+                self.read_upgrade();
+            }
+            let requests = match &mut self.control {
+                Some(c) => c.take_requests(),
+                None => Vec::new(),
+            };
+            for (client, request) in requests {
+                self.on_request(client, request);
             }
             for (event, count) in events {
                 self.on_signal(event, count);
             }
             self.check_start();
+            self.check_reload();
             self.enforce_deadlines();
-            if matches!(self.phase, Phase::Stopping { .. }) {
-                if self.children.is_empty() {
-                    return self.finish();
+            if let Some(c) = &mut self.control {
+                c.expire(Instant::now());
+            }
+            match self.phase {
+                Phase::Stopping { .. } | Phase::Retiring { .. } => {
+                    if self.children.is_empty() {
+                        return self.finish();
+                    }
                 }
-            } else {
-                self.spawn_missing();
+                Phase::Starting | Phase::Running => {
+                    self.start_pending();
+                    self.close_unused_listeners();
+                    self.spawn_missing();
+                }
             }
         }
     }
 
-    /// Sleeps in poll(2) until a signal, a ready message or the next timer.
-    /// Returns the workers whose ready pipe is readable.
-    fn wait(&self) -> Result<Vec<Pid>, MasterError> {
+    /// Sleeps in poll(2) until a signal, a ready message, control socket
+    /// traffic, the next master's message or the next timer.
+    fn wait(&mut self) -> Result<Woke, MasterError> {
+        enum Token {
+            Signals,
+            Ready(Pid),
+            Upgrade,
+            Control,
+        }
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
-        let mut pids = Vec::new();
+        let mut tokens = vec![Token::Signals];
         for (pid, child) in &self.children {
             if let Some(pipe) = &child.ready_pipe {
                 fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
-                pids.push(*pid);
+                tokens.push(Token::Ready(*pid));
             }
         }
+        if let Some(pipe) = self.upgrade.as_ref().and_then(|u| u.pipe.as_ref()) {
+            fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+            tokens.push(Token::Upgrade);
+        }
+        let mut control_set = None;
+        if let Some(c) = &self.control {
+            let (cfds, set) = c.poll_fds();
+            for (fd, ev) in cfds {
+                fds.push(PollFd::new(fd, ev));
+                tokens.push(Token::Control);
+            }
+            control_set = Some(set);
+        }
+        let busy = self.control.as_ref().is_some_and(|c| c.has_requests());
         let timeout = match self.next_deadline() {
+            _ if busy => PollTimeout::ZERO,
             None => PollTimeout::NONE,
             Some(at) => {
                 let left = at.saturating_duration_since(Instant::now());
@@ -288,29 +536,60 @@ impl Master {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(sys_err("poll")(e.into())),
         }
-        Ok(fds[1..]
+        let revents: Vec<PollFlags> = fds
             .iter()
-            .zip(pids)
-            .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, pid)| pid)
-            .collect())
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        drop(fds);
+        let mut woke = Woke::default();
+        let mut control_revents = Vec::new();
+        for (token, rev) in tokens.into_iter().zip(revents) {
+            match token {
+                Token::Signals => {}
+                Token::Ready(pid) if !rev.is_empty() => woke.ready.push(pid),
+                Token::Ready(_) => {}
+                Token::Upgrade => woke.upgrade = !rev.is_empty(),
+                Token::Control => control_revents.push(rev),
+            }
+        }
+        if let (Some(c), Some(set)) = (&mut self.control, control_set) {
+            c.on_poll(set, &control_revents);
+        }
+        Ok(woke)
     }
 
-    /// The earliest timer: a slot's respawn, a kill, a ready deadline.
+    /// The earliest timer: a slot's respawn, a kill, a ready deadline, the
+    /// upgrade's deadline, an idle control client.
     fn next_deadline(&self) -> Option<Instant> {
         let respawns = self
             .pools
             .iter()
+            .chain(self.reload.iter().flat_map(|r| r.pools.iter()))
             .flat_map(|p| p.slots.iter())
             .filter(|s| s.pid.is_none())
             .filter_map(|s| s.respawn_at);
         // A worker being stopped has only its kill deadline; its ready
         // deadline, long past perhaps, would make poll() return at once.
-        let children = self.children.values().filter_map(|c| {
-            c.kill_at
-                .or_else(|| (!c.ready).then(|| c.started + self.pools[c.pool].config.ready_timeout))
-        });
-        respawns.chain(children).min()
+        let children = self
+            .children
+            .values()
+            .filter_map(|c| c.kill_at.or_else(|| (!c.ready).then_some(c.ready_deadline)));
+        let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
+        let control = self.control.as_ref().and_then(|c| c.deadline());
+        respawns.chain(children).chain(upgrade).chain(control).min()
+    }
+
+    /// The pools of generation `generation`, if it is the current one or
+    /// the one a reload is booting.
+    fn pools_mut(&mut self, generation: u64) -> Option<&mut Vec<Pool>> {
+        if generation == self.generation {
+            Some(&mut self.pools)
+        } else {
+            self.reload
+                .as_mut()
+                .filter(|r| r.generation == generation)
+                .map(|r| &mut r.pools)
+        }
     }
 
     /// Reaps every child that has exited: signals coalesce, so one SIGCHLD
@@ -333,10 +612,22 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, exit: ChildExit) {
+        if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+            self.upgrade_exited(exit);
+            return;
+        }
         let Some(mut child) = self.children.remove(&pid) else {
-            log::debug!("reaped pid {pid}, not a worker: {exit}");
+            match self.phase {
+                Phase::Retiring { successor } if successor == pid => {
+                    log::warn!("the new master (pid {pid}) {exit}");
+                }
+                _ => log::debug!("reaped pid {pid}, not a worker: {exit}"),
+            }
             return;
         };
+        if let Some(b) = child.board {
+            self.board.release(b);
+        }
         if child.ready_pipe.is_some() {
             read_message(&mut child);
         }
@@ -345,15 +636,19 @@ impl Master {
             .as_deref()
             .map(|r| format!(": {r}"))
             .unwrap_or_default();
-        let stopping = matches!(self.phase, Phase::Stopping { .. }) || child.slot.is_none();
+        let stopping =
+            !matches!(self.phase, Phase::Starting | Phase::Running) || child.slot.is_none();
         if exit.is_clean() {
             let why = if stopping { "" } else { " (recycled)" };
             log::info!("worker {} (pid {pid}) {exit}{why}", child.name);
         } else {
             log::warn!("worker {} (pid {pid}) {exit}{reason}", child.name);
         }
+        let Some(slot_idx) = child.slot.filter(|_| !stopping) else {
+            return;
+        };
 
-        if self.phase == Phase::Starting && !child.ready {
+        if self.phase == Phase::Starting && !child.ready && child.generation == self.generation {
             let reason = child
                 .boot_error
                 .clone()
@@ -361,11 +656,29 @@ impl Master {
             self.fail_start(child.pool, &child.name, reason);
             return;
         }
-        let Some(slot_idx) = child.slot.filter(|_| !stopping) else {
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == child.generation)
+            && (!child.ready || !exit.is_clean())
+        {
+            let reason = match &child.boot_error {
+                Some(r) => format!("worker {} failed to boot: {r}", child.name),
+                None if !child.ready => format!("worker {} {exit} before it was ready", child.name),
+                None => format!("worker {} {exit}", child.name),
+            };
+            self.abort_reload(&reason);
+            return;
+        }
+        let Some(pools) = self.pools_mut(child.generation) else {
             return;
         };
-        let pool = &mut self.pools[child.pool];
-        let slot = &mut pool.slots[slot_idx];
+        let Some(slot) = pools
+            .get_mut(child.pool)
+            .and_then(|p| p.slots.get_mut(slot_idx))
+        else {
+            return;
+        };
         slot.pid = None;
         if !child.ready || (!exit.is_clean() && child.started.elapsed() < MIN_HEALTHY_LIFETIME) {
             slot.failures += 1;
@@ -402,6 +715,9 @@ impl Master {
         }
         let service = self.pools[pool].name().to_string();
         log::error!("service {service}: worker {worker} failed to boot: {reason}; stopping");
+        if let Some((notify, _)) = self.handover.take() {
+            upgrade::report_error(notify, &format!("service {service}: {reason}"));
+        }
         self.boot_failure = Some(MasterError::Boot { service, reason });
         self.begin_stop(false);
     }
@@ -411,12 +727,7 @@ impl Master {
         if self.phase != Phase::Starting {
             return;
         }
-        let all_ready = self.pools.iter().flat_map(|p| &p.slots).all(|s| {
-            s.pid
-                .and_then(|pid| self.children.get(&pid))
-                .is_some_and(|c| c.ready)
-        });
-        if all_ready {
+        if self.pools.iter().all(|p| p.all_ready(&self.children)) {
             self.phase = Phase::Running;
             let summary: Vec<String> = self
                 .pools
@@ -424,6 +735,35 @@ impl Master {
                 .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
                 .collect();
             log::info!("ready: {}", summary.join(", "));
+            self.complete_handover();
+        }
+    }
+
+    /// In a new master of a binary upgrade: take the pid file and the
+    /// listeners over, and tell the old master.
+    fn complete_handover(&mut self) {
+        let Some((notify, from)) = self.handover.take() else {
+            return;
+        };
+        if let Err(e) = write_pid_file(self.pid_file.as_deref(), self.pid) {
+            log::error!("{e}; giving up the upgrade");
+            upgrade::report_error(notify, &e.to_string());
+            self.boot_failure = Some(e);
+            self.begin_stop(false);
+            return;
+        }
+        for l in &mut self.listeners {
+            l.shared = false;
+        }
+        if let Some(c) = &mut self.control {
+            c.take_ownership();
+        }
+        let from = from.map_or_else(|| "?".to_string(), |p| p.to_string());
+        match upgrade::report_ready(notify, self.pid.as_raw() as u32) {
+            Ok(()) => log::info!("upgrade: took over from master pid {from}"),
+            Err(e) => log::warn!(
+                "upgrade: cannot tell the old master (pid {from}) that we are ready: {e}; serving anyway"
+            ),
         }
     }
 
@@ -439,27 +779,48 @@ impl Master {
                 log::info!("{name}: fast stop");
                 self.begin_stop(true);
             }
-            Event::Terminate => {
-                if matches!(self.phase, Phase::Stopping { .. }) {
-                    log::info!("SIGTERM: already stopping");
-                } else {
+            Event::Terminate => match self.phase {
+                Phase::Stopping { .. } => log::info!("SIGTERM: already stopping"),
+                Phase::Retiring { successor } => {
+                    log::info!("SIGTERM: already retiring (master pid {successor} took over)")
+                }
+                _ => {
                     log::info!("SIGTERM: graceful stop");
                     self.begin_stop(false);
                 }
-            }
-            Event::Hangup => log::warn!("SIGHUP: reload is not supported yet; ignored"),
-            Event::User1 => log::warn!("SIGUSR1: log reopening is not supported yet; ignored"),
-            Event::User2 => log::warn!("SIGUSR2: binary upgrade is not supported yet; ignored"),
+            },
+            Event::Hangup => self.request_reload(None, "SIGHUP"),
+            Event::User1 => self.reopen_logs(),
+            Event::User2 => self.request_upgrade(None, "SIGUSR2"),
             Event::TtyIn | Event::TtyOut => {
-                if matches!(self.phase, Phase::Stopping { .. }) {
+                if self.phase != Phase::Running && self.phase != Phase::Starting {
                     return;
                 }
                 for _ in 0..count {
                     for p in 0..self.pools.len() {
-                        if event == Event::TtyIn {
-                            self.grow(p);
+                        let n = self.pools[p].slots.len();
+                        let name = if event == Event::TtyIn {
+                            "SIGTTIN"
                         } else {
-                            self.shrink(p);
+                            "SIGTTOU"
+                        };
+                        if event == Event::TtyIn && n >= MAX_WORKERS {
+                            log::warn!(
+                                "{name}: service {} is at {MAX_WORKERS} workers already",
+                                self.pools[p].name()
+                            );
+                        } else if event == Event::TtyOut && n <= 1 {
+                            log::warn!(
+                                "{name}: service {} keeps its last worker",
+                                self.pools[p].name()
+                            );
+                        } else {
+                            let n = if event == Event::TtyIn { n + 1 } else { n - 1 };
+                            self.resize(p, n);
+                            log::info!(
+                                "{name}: service {} now has {n} workers",
+                                self.pools[p].name()
+                            );
                         }
                     }
                 }
@@ -467,42 +828,32 @@ impl Master {
         }
     }
 
-    /// SIGTTIN: one more slot (filled right after by spawn_missing).
-    fn grow(&mut self, p: usize) {
-        let pool = &mut self.pools[p];
-        if pool.slots.len() >= 4096 {
-            log::warn!(
-                "SIGTTIN: service {} is at 4096 workers already",
-                pool.name()
-            );
-            return;
-        }
-        pool.slots.push(Slot::default());
+    /// SIGUSR1: reopen the log target here and in every worker.
+    fn reopen_logs(&mut self) {
+        crate::log::reopen();
         log::info!(
-            "SIGTTIN: service {} now has {} workers",
-            pool.name(),
-            pool.slots.len()
+            "SIGUSR1: log files reopened; telling {} workers",
+            self.children.len()
         );
+        for pid in self.children.keys() {
+            let _ = kill(*pid, Signal::SIGUSR1);
+        }
     }
 
-    /// SIGTTOU: one slot fewer; its worker leaves gracefully.
-    fn shrink(&mut self, p: usize) {
+    /// Sets pool `p`'s size: new slots are filled by spawn_missing; the
+    /// workers of removed slots leave gracefully.
+    fn resize(&mut self, p: usize, n: usize) {
         let pool = &mut self.pools[p];
-        if pool.slots.len() <= 1 {
-            log::warn!("SIGTTOU: service {} keeps its last worker", pool.name());
-            return;
-        }
-        let slot = pool.slots.pop().expect("more than one slot");
-        log::info!(
-            "SIGTTOU: service {} now has {} workers",
-            pool.name(),
-            pool.slots.len()
-        );
-        if let Some(pid) = slot.pid {
-            if let Some(child) = self.children.get_mut(&pid) {
-                child.slot = None;
+        pool.slots
+            .resize_with(n.max(pool.slots.len()), Slot::default);
+        let removed: Vec<Slot> = pool.slots.drain(n..).collect();
+        for slot in removed {
+            if let Some(pid) = slot.pid {
+                if let Some(child) = self.children.get_mut(&pid) {
+                    child.slot = None;
+                }
+                self.stop_child(pid, Signal::SIGTERM);
             }
-            self.stop_child(pid, Signal::SIGTERM);
         }
     }
 
@@ -513,7 +864,7 @@ impl Master {
             return;
         };
         let grace = if sig == Signal::SIGTERM {
-            self.pools[child.pool].config.graceful_timeout
+            child.graceful
         } else {
             FAST_STOP_GRACE
         };
@@ -524,41 +875,75 @@ impl Master {
         }
     }
 
+    /// Stops every worker of `generation` (None: every worker).
+    fn stop_generation(&mut self, generation: Option<u64>, sig: Signal) {
+        let pids: Vec<Pid> = self
+            .children
+            .iter_mut()
+            .filter(|(_, c)| generation.is_none_or(|g| c.generation == g))
+            .map(|(pid, c)| {
+                c.slot = None;
+                *pid
+            })
+            .collect();
+        for pid in pids {
+            self.stop_child(pid, sig);
+        }
+    }
+
     /// Stops the daemon: every worker is told to stop, listeners stop
     /// accepting and are closed, socket files removed. SIGINT during a
-    /// graceful stop turns it into a fast one.
+    /// graceful stop turns it into a fast one. The control socket stays
+    /// open until the exit, so that `status` works while workers drain.
     fn begin_stop(&mut self, fast: bool) {
-        match self.phase {
-            Phase::Stopping { fast: true } => return,
-            Phase::Stopping { fast: false } if !fast => return,
-            _ => {}
-        }
-        self.phase = Phase::Stopping { fast };
         let sig = if fast {
             Signal::SIGQUIT
         } else {
             Signal::SIGTERM
         };
-        let pids: Vec<Pid> = self.children.keys().copied().collect();
-        for pid in pids {
-            self.stop_child(pid, sig);
-        }
-        for pool in &mut self.pools {
-            for l in &pool.listeners {
-                l.stop_accepting();
+        match self.phase {
+            Phase::Stopping { fast: true } => return,
+            Phase::Stopping { fast: false } if !fast => return,
+            Phase::Retiring { .. } => {
+                // The listeners and files belong to the next master now.
+                if fast {
+                    self.stop_generation(None, sig);
+                }
+                return;
             }
-            remove_files(&mut pool.listeners);
-            pool.listeners.clear();
+            _ => {}
+        }
+        if self.reload.is_some() {
+            self.abort_reload("the master is stopping");
+        }
+        if let Some(up) = self.upgrade.take() {
+            let _ = kill(up.pid, Signal::SIGKILL);
+            self.reply_all(up.waiters, &control::error("the master is stopping"));
+        }
+        for waiters in [self.pending_reload.take(), self.pending_upgrade.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.reply_all(waiters, &control::error("the master is stopping"));
+        }
+        self.phase = Phase::Stopping { fast };
+        self.stop_generation(None, sig);
+        for mut l in self.listeners.drain(..) {
+            // A listener still shared with the previous master (an upgrade
+            // that failed to boot) is its, not ours, to shut.
+            if !l.shared {
+                l.stop_accepting();
+                l.remove_file();
+            }
         }
     }
 
-    /// Kills workers past their stop deadline, and workers that did not
-    /// become ready within `ready_timeout`.
+    /// Kills workers past their stop deadline, workers that did not become
+    /// ready within `ready_timeout`, and a next master late for its upgrade.
     fn enforce_deadlines(&mut self) {
         let now = Instant::now();
-        let mut late_start = None;
+        let mut late = Vec::new();
         for (pid, child) in &mut self.children {
-            let ready_timeout = self.pools[child.pool].config.ready_timeout;
             if let Some(at) = child.kill_at {
                 if now >= at {
                     log::warn!(
@@ -568,79 +953,133 @@ impl Master {
                     let _ = kill(*pid, Signal::SIGKILL);
                     child.kill_at = None;
                 }
-            } else if !child.ready && now >= child.started + ready_timeout {
+            } else if !child.ready && now >= child.ready_deadline {
+                let waited = child.ready_deadline - child.started;
                 log::warn!(
                     "worker {} (pid {pid}) not ready after ready_timeout ({}); sending SIGKILL",
                     child.name,
-                    humantime::format_duration(ready_timeout)
+                    humantime::format_duration(waited)
                 );
                 let _ = kill(*pid, Signal::SIGKILL);
                 // Killed again if somehow still there; the reap counts
                 // it as a failed start.
                 child.kill_at = Some(now + FAST_STOP_GRACE);
-                if self.phase == Phase::Starting {
-                    late_start = Some((
-                        child.pool,
-                        child.name.clone(),
-                        format!(
-                            "not ready within ready_timeout ({})",
-                            humantime::format_duration(ready_timeout)
-                        ),
-                    ));
-                }
+                late.push((
+                    child.generation,
+                    child.pool,
+                    child.name.clone(),
+                    format!(
+                        "worker {} not ready within ready_timeout ({})",
+                        child.name,
+                        humantime::format_duration(waited)
+                    ),
+                ));
             }
         }
-        if let Some((pool, name, reason)) = late_start {
-            self.fail_start(pool, &name, reason);
+        for (generation, pool, name, reason) in late {
+            if self.phase == Phase::Starting && generation == self.generation {
+                self.fail_start(pool, &name, reason);
+            } else if self
+                .reload
+                .as_ref()
+                .is_some_and(|r| r.generation == generation)
+            {
+                self.abort_reload(&reason);
+            }
+        }
+        if let Some(up) = &self.upgrade
+            && now >= up.deadline
+        {
+            let reason = format!(
+                "new master pid {} not ready within upgrade_timeout ({})",
+                up.pid,
+                humantime::format_duration(self.config.daemon.upgrade_timeout)
+            );
+            self.fail_upgrade(&reason);
         }
     }
 
-    /// Forks a worker for every empty slot whose backoff has passed.
+    /// Forks a worker for every empty slot whose backoff has passed, in the
+    /// generation in force and in the one a reload is booting.
     /// A failure to fork (process limit, memory) is logged and retried with
-    /// the slot's backoff: the workers that exist keep serving.
+    /// the slot's backoff: the workers that exist keep serving. In a
+    /// reload, it fails the reload.
     fn spawn_missing(&mut self) {
-        let now = Instant::now();
-        for p in 0..self.pools.len() {
-            for s in 0..self.pools[p].slots.len() {
-                let slot = &self.pools[p].slots[s];
-                if slot.pid.is_none()
-                    && slot.respawn_at.is_none_or(|at| now >= at)
-                    && let Err(e) = self.spawn(p, s)
-                {
-                    let slot = &mut self.pools[p].slots[s];
-                    slot.failures += 1;
-                    let delay = backoff(slot.failures);
-                    slot.respawn_at = Some(Instant::now() + delay);
-                    log::error!(
-                        "cannot start worker {}#{s}: {e}; retrying in {}",
-                        self.pools[p].name(),
-                        humantime::format_duration(round_ms(delay))
-                    );
+        let mut generations = vec![self.generation];
+        generations.extend(self.reload.as_ref().map(|r| r.generation));
+        for generation in generations {
+            let now = Instant::now();
+            let Some(pools) = self.pools_mut(generation) else {
+                continue;
+            };
+            let todo: Vec<(usize, usize)> = pools
+                .iter()
+                .enumerate()
+                .flat_map(|(p, pool)| {
+                    pool.slots
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, slot)| {
+                            slot.pid.is_none() && slot.respawn_at.is_none_or(|at| now >= at)
+                        })
+                        .map(move |(s, _)| (p, s))
+                })
+                .collect();
+            for (p, s) in todo {
+                let Err(e) = self.spawn(generation, p, s) else {
+                    continue;
+                };
+                if generation != self.generation {
+                    self.abort_reload(&format!("cannot start a worker: {e}"));
+                    break;
                 }
+                let slot = &mut self.pools[p].slots[s];
+                slot.failures += 1;
+                let delay = backoff(slot.failures);
+                slot.respawn_at = Some(Instant::now() + delay);
+                log::error!(
+                    "cannot start worker {}#{s}: {e}; retrying in {}",
+                    self.pools[p].name(),
+                    humantime::format_duration(round_ms(delay))
+                );
             }
         }
     }
 
-    /// Forks the worker for slot `s` of pool `p`.
-    fn spawn(&mut self, p: usize, s: usize) -> Result<(), MasterError> {
-        let pool = &self.pools[p];
+    /// Forks the worker for slot `s` of pool `p` of `generation`.
+    fn spawn(&mut self, generation: u64, p: usize, s: usize) -> Result<(), MasterError> {
+        let pools = match self.reload.as_ref() {
+            Some(r) if r.generation == generation => &r.pools,
+            _ => &self.pools,
+        };
+        let pool = &pools[p];
         let name = format!("{}#{s}", pool.name());
         let (ready_read, ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
             .map_err(|e| sys_err("pipe2")(e.into()))?;
         let mut listeners = Vec::with_capacity(pool.listeners.len());
-        for l in &pool.listeners {
+        for key in &pool.listeners {
+            let l = find(&self.listeners, key).expect("every pool's listeners are open");
             listeners.push((l.bound.clone(), l.try_clone_fd().map_err(sys_err("dup"))?));
         }
-        match sys::fork().map_err(sys_err("fork"))? {
-            Forked::Child => {
+        let board = self.board.claim();
+        match sys::fork().map_err(sys_err("fork")) {
+            Err(e) => {
+                if let Some(b) = board {
+                    self.board.release(b);
+                }
+                Err(e)
+            }
+            Ok(Forked::Child) => {
                 drop(ready_read);
                 let spec = WorkerSpec {
                     service: &pool.config,
                     slot: s,
+                    generation,
                     master: self.pid,
                     plugin: &pool.plugin,
                     listeners,
                     ready: ready_write,
+                    board: board.map(|b| self.board.slot(b)),
                 };
                 // Never return into the master's loop: exit here, without
                 // running the master's destructors (its descriptors are not
@@ -650,49 +1089,740 @@ impl Master {
                         .unwrap_or(code::SOFTWARE);
                 std::process::exit(code);
             }
-            Forked::Parent(pid) => {
+            Ok(Forked::Parent(pid)) => {
                 drop(ready_write);
                 drop(listeners);
                 log::info!("worker {name} (pid {pid}) spawned");
-                self.pools[p].slots[s].pid = Some(pid);
-                self.children.insert(
-                    pid,
-                    Child {
-                        pool: p,
-                        slot: Some(s),
-                        name,
-                        started: Instant::now(),
-                        ready_pipe: Some(ready_read),
-                        ready: false,
-                        boot_error: None,
-                        kill_at: None,
-                    },
-                );
+                let now = Instant::now();
+                let child = Child {
+                    generation,
+                    pool: p,
+                    slot: Some(s),
+                    name,
+                    service: pool.name().to_string(),
+                    started: now,
+                    ready_deadline: now + pool.config.ready_timeout,
+                    graceful: pool.config.graceful_timeout,
+                    ready_pipe: Some(ready_read),
+                    ready: false,
+                    boot_error: None,
+                    kill_at: None,
+                    board,
+                };
+                self.children.insert(pid, child);
+                let pools = self.pools_mut(generation).expect("spawned from it");
+                pools[p].slots[s].pid = Some(pid);
                 Ok(())
             }
         }
     }
 
-    /// Last step of a stop: remove the pid file, report the outcome.
+    /// Last step of a stop: answer `stop`, remove the pid file, report the
+    /// outcome.
     fn finish(mut self) -> Result<i32, MasterError> {
+        let answer = match &self.boot_failure {
+            Some(e) => control::error(&e.to_string()),
+            None => json!({"ok": true, "stopped": true, "pid": self.pid.as_raw()}),
+        };
+        let waiters = std::mem::take(&mut self.stop_waiters);
+        self.reply_all(waiters, &answer);
+        if let Some(mut c) = self.control.take() {
+            c.finish();
+            c.close_listener(matches!(self.phase, Phase::Retiring { .. }));
+        }
         if let Some(path) = self.pid_file.take() {
-            let _ = std::fs::remove_file(path);
+            // Only our own: after an upgrade that failed late, it may name
+            // another master.
+            let ours =
+                std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == self.pid.to_string());
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
         }
         match self.boot_failure.take() {
             Some(e) => Err(e),
             None => {
-                log::info!("master pid {} exiting", self.pid);
+                match self.phase {
+                    Phase::Retiring { successor } => log::info!(
+                        "master pid {} exiting; master pid {successor} carries on",
+                        self.pid
+                    ),
+                    _ => log::info!("master pid {} exiting", self.pid),
+                }
                 Ok(code::OK)
             }
         }
     }
+
+    fn reply(&mut self, client: ClientId, answer: &Value) {
+        if let Some(c) = &mut self.control {
+            c.reply(client, answer);
+        }
+    }
+
+    fn reply_all(&mut self, clients: Vec<ClientId>, answer: &Value) {
+        for client in clients {
+            self.reply(client, answer);
+        }
+    }
+
+    /// A control request.
+    fn on_request(&mut self, client: ClientId, request: Request) {
+        match request {
+            Request::Status => {
+                let status = self.status();
+                self.reply(client, &status);
+            }
+            Request::Reload => self.request_reload(Some(client), "control"),
+            Request::Upgrade => self.request_upgrade(Some(client), "control"),
+            Request::Stop => {
+                self.stop_waiters.push(client);
+                match self.phase {
+                    Phase::Stopping { .. } | Phase::Retiring { .. } => {}
+                    _ => {
+                        log::info!("control: graceful stop");
+                        self.begin_stop(false);
+                    }
+                }
+            }
+            Request::Scale { service, workers } => {
+                let answer = self.scale(&service, workers as usize);
+                self.reply(client, &answer);
+            }
+        }
+    }
+
+    /// `scale SERVICE N`: until the next reload, which applies the config.
+    fn scale(&mut self, service: &str, n: usize) -> Value {
+        if self.phase != Phase::Running {
+            return control::error("the master is not running (starting, stopping or retiring)");
+        }
+        if self.reload.is_some() {
+            return control::error("a reload is in progress; scale after it");
+        }
+        let Some(p) = self.pools.iter().position(|p| p.name() == service) else {
+            let names: Vec<&str> = self.pools.iter().map(Pool::name).collect();
+            return control::error(&format!(
+                "no service {service:?}: expected one of {}",
+                names.join(", ")
+            ));
+        };
+        let was = self.pools[p].slots.len();
+        self.resize(p, n.min(MAX_WORKERS));
+        log::info!("control: service {service} scaled from {was} to {n} workers");
+        json!({"ok": true, "service": service, "workers": n, "was": was})
+    }
+
+    /// SIGHUP or `reload`: one reload runs at a time; requests made
+    /// meanwhile collapse into one more.
+    fn request_reload(&mut self, client: Option<ClientId>, by: &str) {
+        if let Some(why) = self.refuses_changes() {
+            log::warn!("{by}: reload refused: {why}");
+            if let Some(c) = client {
+                self.reply(c, &control::error(&format!("reload refused: {why}")));
+            }
+            return;
+        }
+        let busy = self.reload.is_some() || self.upgrade.is_some() || self.draining();
+        match &mut self.pending_reload {
+            Some(waiters) => {
+                waiters.extend(client);
+                log::info!("{by}: a reload is already pending; this request joins it");
+            }
+            None => {
+                self.pending_reload = Some(client.into_iter().collect());
+                if busy {
+                    log::info!(
+                        "{by}: reload queued until the reload, upgrade or drain in progress ends"
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGUSR2 or `upgrade`.
+    fn request_upgrade(&mut self, client: Option<ClientId>, by: &str) {
+        let why = self.refuses_changes().or_else(|| {
+            self.exec
+                .is_none()
+                .then(|| "this master was started without a binary path to run".to_string())
+        });
+        if let Some(why) = why {
+            log::warn!("{by}: binary upgrade refused: {why}");
+            if let Some(c) = client {
+                self.reply(c, &control::error(&format!("upgrade refused: {why}")));
+            }
+            return;
+        }
+        let waiters = self.pending_upgrade.get_or_insert_with(Vec::new);
+        waiters.extend(client);
+        log::info!("{by}: binary upgrade requested");
+    }
+
+    fn refuses_changes(&self) -> Option<String> {
+        match self.phase {
+            Phase::Stopping { .. } => Some("the master is stopping".into()),
+            Phase::Retiring { successor } => Some(format!(
+                "this master is retiring; master pid {successor} took over"
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether workers of another generation than the current one are
+    /// still alive (draining, or killed and not yet reaped).
+    fn draining(&self) -> bool {
+        self.children
+            .values()
+            .any(|c| c.generation != self.generation)
+    }
+
+    /// Starts the pending reload, or else the pending upgrade, once the
+    /// master is settled: running, nothing booting, no old generation
+    /// draining. So at most two generations are ever alive.
+    fn start_pending(&mut self) {
+        if self.phase != Phase::Running
+            || self.reload.is_some()
+            || self.upgrade.is_some()
+            || self.draining()
+        {
+            return;
+        }
+        if let Some(waiters) = self.pending_reload.take() {
+            self.start_reload(waiters);
+        } else if let Some(waiters) = self.pending_upgrade.take() {
+            self.start_upgrade(waiters);
+        }
+    }
+
+    /// Reads the config again, binds the listeners it adds, and creates the
+    /// next generation's pools (forked right after by spawn_missing).
+    fn start_reload(&mut self, waiters: Vec<ClientId>) {
+        self.last_generation += 1;
+        let generation = self.last_generation;
+        let loaded = match &self.config_path {
+            Some(path) => Config::load(path, &self.registry),
+            None => Config::embedded(&self.registry),
+        };
+        let config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failed(generation, waiters, &format!("invalid config: {e}"), None);
+                return;
+            }
+        };
+        let mut added = Vec::new();
+        for svc in &config.services {
+            for (key, addr) in svc.listen_keys() {
+                if find(&self.listeners, &key).is_some() {
+                    continue;
+                }
+                match open_listener(&addr, svc.backlog, svc.socket_mode, None, &key) {
+                    Ok(l) => {
+                        log::info!(
+                            "reload (generation {generation}): listening on {} (service {})",
+                            l.bound,
+                            svc.name.get_ref()
+                        );
+                        added.push(key);
+                        self.listeners.push(l);
+                    }
+                    Err(e) => {
+                        self.close_listeners(&added);
+                        self.reload_failed(generation, waiters, &e.to_string(), None);
+                        return;
+                    }
+                }
+            }
+        }
+        if config.daemon.pid_file != self.config.daemon.pid_file
+            || config.control.path() != self.config.control.path()
+        {
+            log::warn!(
+                "reload (generation {generation}): [daemon] pid_file and [control] socket changes take effect at the next restart or binary upgrade"
+            );
+        }
+        let pools: Vec<Pool> = config
+            .services
+            .iter()
+            .map(|svc| Pool::new(svc, &self.registry))
+            .collect();
+        let total: usize = pools.iter().map(|p| p.slots.len()).sum();
+        log::info!(
+            "reload (generation {generation}): {} is valid; starting {total} workers",
+            config.source
+        );
+        self.reload = Some(Reload {
+            generation,
+            config,
+            pools,
+            added,
+            started: Instant::now(),
+            waiters,
+        });
+    }
+
+    /// Commits the reload once every worker of the new generation is ready.
+    fn check_reload(&mut self) {
+        let done = self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.pools.iter().all(|p| p.all_ready(&self.children)));
+        if !done {
+            return;
+        }
+        let reload = self.reload.take().expect("checked");
+        for svc in &reload.config.services {
+            for (key, _) in svc.listen_keys() {
+                if reload.added.contains(&key) {
+                    continue;
+                }
+                if let Some(l) = find(&self.listeners, &key)
+                    && let Err(e) = l.update(svc.backlog, svc.socket_mode)
+                {
+                    log::warn!("reload: cannot update backlog or mode of {}: {e}", l.bound);
+                }
+            }
+        }
+        let old = self.generation;
+        self.stop_generation(Some(old), Signal::SIGTERM);
+        self.generation = reload.generation;
+        self.pools = reload.pools;
+        let (pid_file, control) = (
+            self.config.daemon.pid_file.clone(),
+            self.config.control.clone(),
+        );
+        self.config = reload.config;
+        // In force until a restart or upgrade (see start_reload).
+        self.config.daemon.pid_file = pid_file;
+        self.config.control = control;
+        crate::log::init(self.config.log.level.filter());
+        let took = reload.started.elapsed();
+        let summary: Vec<String> = self
+            .pools
+            .iter()
+            .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
+            .collect();
+        let message = format!(
+            "reload (generation {}) succeeded in {}: {}; generation {old} retires",
+            self.generation,
+            humantime::format_duration(round_ms(took)),
+            summary.join(", ")
+        );
+        log::info!("{message}");
+        self.last_reload = Some(Outcome {
+            generation: self.generation,
+            ok: true,
+            message,
+            at: SystemTime::now(),
+        });
+        let answer = json!({
+            "ok": true,
+            "generation": self.generation,
+            "retiring": old,
+            "elapsed_ms": took.as_secs_f64() * 1e3,
+        });
+        self.reply_all(reload.waiters, &answer);
+    }
+
+    /// The reload's new generation failed: stop it, close what it bound,
+    /// keep the generation in force, report.
+    fn abort_reload(&mut self, reason: &str) {
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        let pids: Vec<(Pid, bool)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.generation == reload.generation)
+            .map(|(pid, c)| (*pid, c.ready))
+            .collect();
+        for (pid, ready) in pids {
+            if let Some(c) = self.children.get_mut(&pid) {
+                c.slot = None;
+            }
+            if ready {
+                // It may have accepted connections: let it finish them.
+                self.stop_child(pid, Signal::SIGTERM);
+            } else {
+                let _ = kill(pid, Signal::SIGKILL);
+                if let Some(c) = self.children.get_mut(&pid) {
+                    c.kill_at = Some(Instant::now() + FAST_STOP_GRACE);
+                }
+            }
+        }
+        self.close_listeners(&reload.added);
+        self.reload_failed(
+            reload.generation,
+            reload.waiters,
+            reason,
+            Some(reload.started.elapsed()),
+        );
+    }
+
+    fn reload_failed(
+        &mut self,
+        generation: u64,
+        waiters: Vec<ClientId>,
+        reason: &str,
+        took: Option<Duration>,
+    ) {
+        let took = took
+            .map(|t| format!(" after {}", humantime::format_duration(round_ms(t))))
+            .unwrap_or_default();
+        let message = format!(
+            "reload (generation {generation}) failed{took}: {reason}; generation {} keeps serving",
+            self.generation
+        );
+        log::error!("{message}");
+        self.last_reload = Some(Outcome {
+            generation,
+            ok: false,
+            message,
+            at: SystemTime::now(),
+        });
+        let answer = json!({
+            "ok": false,
+            "generation": generation,
+            "serving": self.generation,
+            "error": reason,
+        });
+        self.reply_all(waiters, &answer);
+    }
+
+    /// Closes the listeners named `keys` (bound by a reload that failed).
+    fn close_listeners(&mut self, keys: &[String]) {
+        self.listeners.retain_mut(|l| {
+            if keys.contains(&l.key) {
+                l.remove_file();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Closes listeners that no generation names any more, once the
+    /// generations that did have left (their workers hold copies, and may
+    /// still be finishing connections accepted on them).
+    fn close_unused_listeners(&mut self) {
+        if self.reload.is_some() || self.draining() || self.handover.is_some() {
+            return;
+        }
+        let used: Vec<String> = self
+            .pools
+            .iter()
+            .flat_map(|p| p.listeners.iter().cloned())
+            .collect();
+        self.listeners.retain_mut(|l| {
+            if used.contains(&l.key) {
+                return true;
+            }
+            log::info!("no longer listening on {}", l.bound);
+            l.remove_file();
+            false
+        });
+    }
+
+    /// Runs the next master with the listeners (and control socket)
+    /// inherited; it reports on a pipe.
+    fn start_upgrade(&mut self, waiters: Vec<ClientId>) {
+        let exec = self.exec.clone().expect("request_upgrade checked");
+        let mut shared: Vec<(BorrowedFd<'_>, String)> = self
+            .listeners
+            .iter()
+            .map(|l| (l.as_fd(), l.key.clone()))
+            .collect();
+        if let Some(l) = self.control.as_ref().and_then(|c| c.listener()) {
+            let path = self.config.control.path().expect("a control socket");
+            shared.push((l.as_fd(), upgrade::control_key(path)));
+        }
+        let spawned = (|| -> io::Result<(std::process::Child, OwnedFd)> {
+            if let Some((_, key)) = shared.iter().find(|(_, k)| k.contains('\n')) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot hand over {key:?}: a newline in its path"),
+                ));
+            }
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            let table: Vec<(i32, String)> = shared
+                .iter()
+                .map(|(fd, key)| (fd.as_raw_fd(), key.clone()))
+                .collect();
+            let mut cmd = std::process::Command::new(&exec.program);
+            cmd.args(&exec.args)
+                .env(upgrade::ENV_FDS, upgrade::encode(&table))
+                .env(upgrade::ENV_NOTIFY, write.as_raw_fd().to_string())
+                .env(upgrade::ENV_FROM, self.pid.to_string())
+                .env(upgrade::ENV_GENERATION, self.generation.to_string());
+            // Clear close-on-exec on exactly these descriptors for the
+            // exec, then set it again whatever happened: the master is
+            // single-threaded, so no other fork sees them meanwhile.
+            let mut inheritable = shared.iter().map(|(fd, _)| *fd).collect::<Vec<_>>();
+            inheritable.push(write.as_fd());
+            let result = inheritable
+                .iter()
+                .try_for_each(|fd| sys::set_cloexec(*fd, false))
+                .and_then(|()| cmd.spawn());
+            for fd in &inheritable {
+                if let Err(e) = sys::set_cloexec(*fd, true)
+                    && result.is_ok()
+                {
+                    log::error!("upgrade: cannot restore close-on-exec: {e}");
+                }
+            }
+            result.map(|child| (child, read))
+        })();
+        drop(shared);
+        match spawned {
+            Ok((child, pipe)) => {
+                let pid = Pid::from_raw(child.id() as i32);
+                // Reaped by waitpid(-1) like any child; std's handle is not
+                // used to wait.
+                drop(child);
+                let now = Instant::now();
+                log::info!(
+                    "upgrade: started {} as master pid {pid}, handing over {} sockets",
+                    exec.program.display(),
+                    self.listeners.len() + usize::from(self.control.is_some())
+                );
+                self.upgrade = Some(Upgrade {
+                    pid,
+                    pipe: Some(pipe),
+                    started: now,
+                    deadline: now + self.config.daemon.upgrade_timeout,
+                    waiters,
+                });
+            }
+            Err(e) => {
+                let reason = format!("cannot run {}: {e}", exec.program.display());
+                log::error!("upgrade failed: {reason}; this master keeps serving");
+                self.reply_all(waiters, &control::error(&reason));
+            }
+        }
+    }
+
+    /// Reads the next master's message: `ready PID` or `error: REASON`.
+    fn read_upgrade(&mut self) {
+        let Some(up) = &mut self.upgrade else { return };
+        let Some(pipe) = up.pipe.take() else { return };
+        let mut file = std::fs::File::from(pipe);
+        let mut buf = [0u8; 4096];
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                up.pipe = Some(file.into());
+                return;
+            }
+            Err(_) => 0,
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let line = text.lines().next().unwrap_or("").to_string();
+        if line.starts_with("ready") {
+            self.upgrade_done();
+        } else if let Some(reason) = line.strip_prefix("error: ") {
+            self.fail_upgrade(&format!("the new master failed: {reason}"));
+        } else {
+            self.fail_upgrade("the new master closed its pipe without reporting");
+        }
+    }
+
+    /// The next master died before it was ready.
+    fn upgrade_exited(&mut self, exit: ChildExit) {
+        let Some(up) = &mut self.upgrade else { return };
+        // It may have written its reason before it exited.
+        if up.pipe.is_some() {
+            self.read_upgrade();
+        }
+        if let Some(up) = &self.upgrade {
+            let reason = format!("the new master (pid {}) {exit}", up.pid);
+            self.fail_upgrade(&reason);
+        }
+    }
+
+    fn fail_upgrade(&mut self, reason: &str) {
+        let Some(up) = self.upgrade.take() else {
+            return;
+        };
+        // Its workers follow it (they exit when their master dies). Every
+        // listener is still ours and was never shut.
+        let _ = kill(up.pid, Signal::SIGKILL);
+        log::error!(
+            "upgrade failed after {}: {reason}; master pid {} keeps serving generation {}",
+            humantime::format_duration(round_ms(up.started.elapsed())),
+            self.pid,
+            self.generation
+        );
+        self.reply_all(up.waiters, &control::error(reason));
+    }
+
+    /// The next master is ready: it owns the listeners, the sockets' files
+    /// and the pid file now. Retire our workers and leave.
+    fn upgrade_done(&mut self) {
+        let Some(up) = self.upgrade.take() else {
+            return;
+        };
+        let successor = up.pid;
+        log::info!(
+            "upgrade: master pid {successor} is ready (after {}); retiring generation {}",
+            humantime::format_duration(round_ms(up.started.elapsed())),
+            self.generation
+        );
+        self.announce_successor(successor);
+        for l in &mut self.listeners {
+            l.forget_file();
+        }
+        // Our copies go; the next master and our draining workers hold theirs.
+        self.listeners.clear();
+        if let Some(c) = &mut self.control {
+            c.close_listener(true);
+        }
+        self.pid_file = None;
+        self.phase = Phase::Retiring { successor };
+        sys::set_title(&format!(
+            "preforkd: master (retiring, replaced by {successor})"
+        ));
+        self.stop_generation(None, Signal::SIGTERM);
+        let answer =
+            json!({"ok": true, "new_pid": successor.as_raw(), "old_pid": self.pid.as_raw()});
+        self.reply_all(up.waiters, &answer);
+        let moved = control::error(&format!(
+            "this master was replaced by master pid {successor}; send it there"
+        ));
+        for waiters in [self.pending_reload.take(), self.pending_upgrade.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.reply_all(waiters, &moved);
+        }
+    }
+
+    /// Tells the service manager that `successor` is the main process now.
+    /// The systemd integration sends `MAINPID=` from here; without it, the
+    /// pid file (written by the successor) is how others find it.
+    fn announce_successor(&self, successor: Pid) {
+        log::info!("master pid {successor} is the main process now");
+    }
+
+    /// The state as `preforkd status` shows it.
+    fn status(&self) -> Value {
+        let now = Instant::now();
+        let worker = |pid: &Pid, c: &Child| {
+            let counters = c.board.map(|b| self.board.read(b)).unwrap_or_default();
+            let state = if c.kill_at.is_some() || c.slot.is_none() {
+                "stopping"
+            } else if !c.ready {
+                "starting"
+            } else if counters.active > 0 {
+                "busy"
+            } else {
+                "idle"
+            };
+            json!({
+                "pid": pid.as_raw(),
+                "name": c.name,
+                "generation": c.generation,
+                "state": state,
+                "served": counters.served,
+                "active": counters.active,
+                "age_ms": (now - c.started).as_millis() as u64,
+            })
+        };
+        let mut names: Vec<String> = self.pools.iter().map(|p| p.name().to_string()).collect();
+        for c in self.children.values() {
+            if !names.contains(&c.service) {
+                names.push(c.service.clone());
+            }
+        }
+        let services: Vec<Value> = names
+            .iter()
+            .map(|name| {
+                let pool = self.pools.iter().find(|p| p.name() == name);
+                let mut workers: Vec<(&Pid, &Child)> = self
+                    .children
+                    .iter()
+                    .filter(|(_, c)| &c.service == name)
+                    .collect();
+                workers.sort_by_key(|(pid, c)| (c.generation, c.name.clone(), pid.as_raw()));
+                let listeners: Vec<String> = pool
+                    .map(|p| {
+                        p.listeners
+                            .iter()
+                            .filter_map(|k| find(&self.listeners, k))
+                            .map(|l| l.bound.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "name": name,
+                    "plugin": pool.map(|p| p.plugin.name.clone()),
+                    "size": pool.map(|p| p.slots.len()),
+                    "listeners": listeners,
+                    "workers": workers.into_iter().map(|(p, c)| worker(p, c)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let phase = match &self.phase {
+            Phase::Starting => "starting".to_string(),
+            Phase::Running => "running".to_string(),
+            Phase::Stopping { fast: false } => "stopping".to_string(),
+            Phase::Stopping { fast: true } => "stopping (fast)".to_string(),
+            Phase::Retiring { successor } => format!("retiring (replaced by {successor})"),
+        };
+        let last = self.last_reload.as_ref().map(|o| {
+            json!({
+                "generation": o.generation,
+                "ok": o.ok,
+                "message": o.message,
+                "at": humantime::format_rfc3339_seconds(o.at).to_string(),
+            })
+        });
+        json!({
+            "ok": true,
+            "pid": self.pid.as_raw(),
+            "state": phase,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "generation": self.generation,
+            "config": self.config.source.to_string(),
+            "reload": {
+                "in_progress": self.reload.as_ref().map(|r| r.generation),
+                "pending": self.pending_reload.is_some(),
+                "last": last,
+            },
+            "upgrade": {
+                "in_progress": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
+                "pending": self.pending_upgrade.is_some(),
+            },
+            "services": services,
+        })
+    }
 }
 
-/// Removes the Unix socket files of `listeners` (those this master created).
-fn remove_files<'a>(listeners: impl IntoIterator<Item = &'a mut Listener>) {
-    for l in listeners {
-        l.remove_file();
-    }
+/// What woke the master.
+#[derive(Default)]
+struct Woke {
+    /// Workers whose ready pipe is readable.
+    ready: Vec<Pid>,
+    /// The next master's pipe is readable.
+    upgrade: bool,
+}
+
+/// Writes the pid file, if one is configured.
+fn write_pid_file(path: Option<&std::path::Path>, pid: Pid) -> Result<(), MasterError> {
+    let Some(path) = path else { return Ok(()) };
+    // Written whole to a temporary name, then renamed: a reader never sees
+    // it empty or half-written, which matters when a new master takes it
+    // over.
+    let tmp = path.with_extension(format!("tmp.{pid}"));
+    std::fs::write(&tmp, format!("{pid}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            MasterError::PidFile {
+                path: path.to_owned(),
+                source,
+            }
+        })
 }
 
 /// Reads what a worker wrote to its ready pipe; closes the pipe at EOF.

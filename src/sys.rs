@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
@@ -158,9 +158,12 @@ pub fn install_worker_signals() -> io::Result<()> {
     set(Signal::SIGTERM, &handler(SigHandler::Handler(on_terminate)))?;
     set(Signal::SIGINT, &handler(SigHandler::Handler(on_fast_stop)))?;
     set(Signal::SIGQUIT, &handler(SigHandler::Handler(on_fast_stop)))?;
+    set(
+        Signal::SIGUSR1,
+        &handler(SigHandler::Handler(on_reopen_logs)),
+    )?;
     for sig in [
         Signal::SIGHUP,
-        Signal::SIGUSR1,
         Signal::SIGUSR2,
         Signal::SIGTTIN,
         Signal::SIGTTOU,
@@ -304,4 +307,69 @@ pub fn set_title(title: &str) {
         area[..n].copy_from_slice(&bytes[..n]);
         area[n..].fill(0);
     }
+}
+
+extern "C" fn on_reopen_logs(_: libc::c_int) {
+    crate::log::request_reopen();
+}
+
+/// A zeroed array of `n` atomics in memory shared with every process forked
+/// after this call (`MAP_SHARED | MAP_ANONYMOUS`). The mapping lives as long
+/// as the process: the slice is never unmapped.
+pub fn shared_atomics(n: usize) -> io::Result<&'static [AtomicU64]> {
+    let len = n
+        .checked_mul(std::mem::size_of::<AtomicU64>())
+        .and_then(std::num::NonZeroUsize::new)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad scoreboard size"))?;
+    // SAFETY: a fresh anonymous mapping aliases no Rust object; the
+    // arguments are valid (no fd, offset 0, nonzero length).
+    let ptr = unsafe {
+        nix::sys::mman::mmap_anonymous(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+        )
+    }?;
+    // SAFETY: the mapping is `len` bytes, page-aligned (so aligned for
+    // AtomicU64), zero-filled (a valid AtomicU64 is any bit pattern), and
+    // never unmapped, so the 'static lifetime holds. Other processes write
+    // it only through atomics too.
+    Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), n) })
+}
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    use nix::fcntl::{F_GETFD, F_SETFD, FdFlag, fcntl};
+    let mut flags = FdFlag::from_bits_truncate(fcntl(fd, F_GETFD)?);
+    flags.set(FdFlag::FD_CLOEXEC, on);
+    fcntl(fd, F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Takes ownership of descriptor `fd`, inherited across exec, after
+/// checking that it is open; marks it close-on-exec.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: borrowed only for this call; on a descriptor that is not open
+    // fcntl fails with EBADF and nothing else happens.
+    nix::fcntl::fcntl(unsafe { BorrowedFd::borrow_raw(fd) }, nix::fcntl::F_GETFD)?;
+    // SAFETY: the descriptor is open (checked above) and was handed to this
+    // process by the previous master for the caller alone; the caller takes
+    // each one once (the variable naming it is removed from the
+    // environment before anything else can read it).
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    set_cloexec(std::os::fd::AsFd::as_fd(&owned), true)?;
+    Ok(owned)
+}
+
+/// Removes variables from this process's environment; refuses (and
+/// changes nothing) unless the process is single-threaded.
+pub fn remove_env(names: &[&str]) -> io::Result<()> {
+    assert_single_threaded()?;
+    for name in names {
+        // SAFETY: the process has one thread (checked above), so nothing
+        // reads or writes the environment concurrently.
+        unsafe { std::env::remove_var(name) };
+    }
+    Ok(())
 }

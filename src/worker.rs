@@ -24,6 +24,7 @@ use crate::handler::{
     StreamHandler,
 };
 use crate::listener::WorkerSocket;
+use crate::scoreboard::Slot;
 use crate::sys;
 
 /// How long a closing connection waits for the client to finish sending
@@ -36,6 +37,8 @@ pub(crate) struct WorkerSpec<'a> {
     pub service: &'a ServiceConfig,
     /// The slot number: the N of `worker SERVICE#N`.
     pub slot: usize,
+    /// The generation (reload count) the worker belongs to.
+    pub generation: u64,
     /// The master's pid, to notice its death.
     pub master: Pid,
     /// The handler plugin to initialise.
@@ -44,6 +47,8 @@ pub(crate) struct WorkerSpec<'a> {
     pub listeners: Vec<(ListenAddr, OwnedFd)>,
     /// Write end of the ready pipe: one line, `ready` or `error: REASON`.
     pub ready: OwnedFd,
+    /// Its scoreboard slot, if it got one.
+    pub board: Option<Slot>,
 }
 
 /// Runs the worker to its end; returns the process exit code.
@@ -71,7 +76,10 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
             return code::SETUP_ERROR;
         }
     }
-    sys::set_title(&format!("preforkd: worker {name}"));
+    sys::set_title(&format!("preforkd: worker {name} gen {}", spec.generation));
+    if let Some(b) = &spec.board {
+        b.attach(std::process::id());
+    }
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
@@ -145,6 +153,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         stream: handlers.stream,
         datagram: handlers.datagram,
         served: AtomicU64::new(0),
+        board: spec.board,
         budget,
         failed: AtomicBool::new(false),
     };
@@ -237,6 +246,8 @@ struct Worker<'a> {
     datagram: Option<std::sync::Arc<dyn DatagramHandler>>,
     /// Connections and datagrams served, across threads.
     served: AtomicU64,
+    /// Where `preforkd status` reads our counters.
+    board: Option<Slot>,
     /// Stop after this many (`max_requests` + jitter); u64::MAX: never.
     budget: u64,
     /// An accept loop failed (epoll): the worker stops, and not cleanly.
@@ -360,6 +371,9 @@ impl Worker<'_> {
 
     /// Counts one request; asks the worker to stop when the budget is spent.
     fn count(&self) {
+        if let Some(b) = &self.board {
+            b.end();
+        }
         if self.served.fetch_add(1, Ordering::Relaxed) + 1 >= self.budget {
             log::info!(
                 "worker {}: served {} requests (max_requests); recycling",
@@ -372,6 +386,9 @@ impl Worker<'_> {
 
     fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr) {
         let Some(handler) = &self.stream else { return };
+        if let Some(b) = &self.board {
+            b.begin();
+        }
         let peer_text = peer.to_string();
         let mut conn = Connection::new(stream, peer, local, self.service);
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&mut conn))) {
@@ -407,6 +424,9 @@ impl Worker<'_> {
             }
         };
         reply.clear();
+        if let Some(b) = &self.board {
+            b.begin();
+        }
         let datagram = Datagram {
             data: &buf[..n],
             peer: &peer,

@@ -203,11 +203,11 @@ fn pool_size_and_titles_and_two_services() {
     assert_eq!(
         titles,
         [
-            "preforkd: worker alpha#0",
-            "preforkd: worker alpha#1",
-            "preforkd: worker alpha#2",
-            "preforkd: worker beta#0",
-            "preforkd: worker beta#1",
+            "preforkd: worker alpha#0 gen 1",
+            "preforkd: worker alpha#1 gen 1",
+            "preforkd: worker alpha#2 gen 1",
+            "preforkd: worker beta#0 gen 1",
+            "preforkd: worker beta#1 gen 1",
         ]
     );
     // threads = 4: each beta worker serves four connections at once.

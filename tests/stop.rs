@@ -214,39 +214,54 @@ fn sigquit_is_a_fast_stop() {
 }
 
 /// Much more than the socket buffers hold is in flight when SIGTERM comes:
-/// the worker keeps echoing until the client has been quiet, so every byte
-/// comes back, then a clean EOF.
+/// echo stops at a request boundary (everything it read has been written
+/// back), sends FIN and drains the rest. The client gets back an exact
+/// prefix of what it sent, then a clean EOF, never a reset, and the worker
+/// leaves long before graceful_timeout.
 #[test]
-fn sigterm_echoes_everything_still_in_flight() {
+fn sigterm_during_a_stream_ends_it_cleanly_at_a_boundary() {
     let (mut d, addr) = start("workers = 2\ngraceful_timeout = \"20s\"");
     let c = connect(addr).unwrap();
     let total = 8 * 1024 * 1024;
     let writer = {
         let mut c = c.try_clone().unwrap();
-        std::thread::spawn(move || {
+        std::thread::spawn(move || -> std::io::Result<usize> {
             let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
             let mut sent = 0;
             while sent < total {
-                c.write_all(&chunk).unwrap();
+                c.write_all(&chunk)?;
                 sent += chunk.len();
             }
+            c.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
         })
     };
     // Let the buffers fill on both sides, then stop.
     wait_for(DEADLINE, || (pending(&c) > 16 * 1024).then_some(()))
         .unwrap_or_else(|| panic!("no echo came back; log:\n{}", d.log_text()));
+    let stop = Instant::now();
     d.signal(libc::SIGTERM);
     let mut got = Vec::with_capacity(total);
     let mut reader = &c;
     reader
         .read_to_end(&mut got)
         .expect("a clean EOF, not a reset");
-    writer.join().unwrap();
-    assert_eq!(got.len(), total, "bytes lost in the stop");
     assert!(
-        got.chunks(64 * 1024)
-            .all(|ch| ch.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8))
+        !got.is_empty() && got.len() <= total,
+        "got {} bytes",
+        got.len()
     );
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, b)| *b == ((i % (64 * 1024)) % 251) as u8),
+        "what came back is not a prefix of what was sent"
+    );
+    // The writer either finished (the worker drained the rest) or saw the
+    // connection end; it never blocks the test.
+    let _ = writer.join().unwrap();
     let status = d.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log_text());
+    assert!(stop.elapsed() < Duration::from_secs(15));
+    assert!(!d.log_text().contains("SIGKILL"), "log:\n{}", d.log_text());
 }

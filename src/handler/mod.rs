@@ -295,6 +295,8 @@ pub struct Connection<'a> {
     service: &'a str,
     /// The client has closed its side (a read returned 0).
     eof: bool,
+    /// The client has sent something: it has had its first exchange.
+    received: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -305,6 +307,7 @@ impl<'a> Connection<'a> {
             local,
             service,
             eof: false,
+            received: false,
         }
     }
 
@@ -328,10 +331,25 @@ impl<'a> Connection<'a> {
         sys::shutdown_requested()
     }
 
+    /// Whether input (or the client's EOF) is there to read right now.
+    fn readable_now(&self) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            self.stream.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// Reads what the client sent, waiting for input, for the client to close,
-    /// or for the worker to be asked to stop. While stopping, input keeps
-    /// being returned until the client has been quiet for one [`TICK`], so
-    /// every byte the client sent before the stop can be answered.
+    /// or for the worker to be asked to stop.
+    ///
+    /// While stopping, [`Recv::Shutdown`] comes at the first request
+    /// boundary: when everything read so far has been answered (the handler
+    /// asks again) and no more input has arrived. A connection that has not
+    /// sent anything yet gets one [`TICK`] to send its first request, so a
+    /// client accepted just before the stop is served once. The worker then
+    /// sends FIN and drains whatever the client sends after it: a client
+    /// that reconnects lands on a worker that is not stopping.
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
         if buf.is_empty() {
             return Err(io::Error::new(
@@ -341,12 +359,18 @@ impl<'a> Connection<'a> {
         }
         loop {
             let stopping = sys::shutdown_requested();
+            if stopping && self.received && !self.readable_now() {
+                return Ok(Recv::Shutdown);
+            }
             match self.stream.read_some(buf) {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(Recv::Eof);
                 }
-                Ok(n) => return Ok(Recv::Data(n)),
+                Ok(n) => {
+                    self.received = true;
+                    return Ok(Recv::Data(n));
+                }
                 // A whole tick without input while stopping: what the client
                 // sent before the stop has all been read (including bytes
                 // that TCP flow control held in its send buffer, and the
