@@ -763,6 +763,8 @@ plugin = "echo"
             (c.log.target, c.log.level),
             (LogTarget::Stderr, LogLevel::Info)
         );
+        assert_eq!(c.daemon.upgrade_timeout, Duration::from_secs(60));
+        assert_eq!(c.control.path(), None);
     }
 
     #[test]
@@ -782,6 +784,26 @@ plugin = "echo"
             "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\nwrokers = 2\n[service.handler]\nplugin = \"echo\"\n",
         );
         assert!(e.starts_with("t.toml:4:1: unknown field `wrokers`"), "{e}");
+    }
+
+    #[test]
+    fn control_socket_may_not_share_a_service_path() {
+        let e = err(
+            "[control]\nsocket = \"/run/x.sock\"\n[[service]]\nname = \"a\"\nlisten = [\"unix:/run/x.sock\"]\n[service.handler]\nplugin = \"echo\"\n",
+        );
+        assert!(
+            e.starts_with("t.toml:5:11: duplicate listen address unix:/run/x.sock: already used by [control] socket"),
+            "{e}"
+        );
+        let long = format!(
+            "[control]\nsocket = \"/{}\"\n[[service]]\nname = \"a\"\nlisten = [\"unix:/run/x.sock\"]\n[service.handler]\nplugin = \"echo\"\n",
+            "x".repeat(200)
+        );
+        assert!(
+            err(&long).starts_with("t.toml:2:10: control socket: "),
+            "{}",
+            err(&long)
+        );
     }
 
     #[test]

@@ -323,7 +323,7 @@ impl Worker<'_> {
                 Err(e) => return Err(e.into()),
             };
             // Asked to stop (the wake-up may share this batch with a new
-            // connection): accept nothing more, leave it to other workers.
+            // connection): leave the listeners to other workers.
             if sys::shutdown_requested() {
                 break;
             }
@@ -363,6 +363,47 @@ impl Worker<'_> {
                 },
                 WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => {
                     self.serve_datagram(socket, &mut buf, &mut reply);
+                }
+            }
+        }
+        if registered {
+            self.take_signalled(&ep, &open, &mut buf, &mut reply)?;
+        }
+        Ok(())
+    }
+
+    /// Called by a thread that was idle when the stop came. With
+    /// EPOLLEXCLUSIVE, a connection that arrived just before may have woken
+    /// only this thread: no other waiter hears of it until the next
+    /// arrival, so on a quiet service it would wait unanswered. So, once
+    /// out of the wait queues, this thread serves what is pending right
+    /// now (at most [`STOP_PICKUP`] per listener; a connection gets one
+    /// request answered, see [`Connection::recv`]).
+    fn take_signalled(
+        &self,
+        ep: &Epoll,
+        open: &[bool],
+        buf: &mut [u8],
+        reply: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        for (i, (s, _)) in self.sockets.iter().enumerate() {
+            if open[i] {
+                ep.delete(s.as_fd())?;
+            }
+        }
+        for (i, (socket, local)) in self.sockets.iter().enumerate() {
+            for _ in 0..STOP_PICKUP {
+                if !open[i] || !readable_now(socket) {
+                    break;
+                }
+                match socket {
+                    WorkerSocket::Tcp(_) | WorkerSocket::Unix(_) => match accept(socket) {
+                        Ok((stream, peer)) => self.serve_stream(stream, peer, local.clone()),
+                        Err(_) => break, // taken by another worker, or gone
+                    },
+                    WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => {
+                        self.serve_datagram(socket, buf, reply);
+                    }
                 }
             }
         }
@@ -454,6 +495,18 @@ impl Worker<'_> {
         }
         self.count();
     }
+}
+
+/// Most connections (datagrams) a stopping thread takes from one listener.
+const STOP_PICKUP: usize = 4;
+
+/// Whether a listener has a connection or datagram waiting.
+fn readable_now(socket: &WorkerSocket) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        socket.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Accepts one connection, nonblocking and close-on-exec.
