@@ -104,6 +104,9 @@ struct Client {
     waiting: bool,
     /// The client closed its side: drop it once the output is flushed.
     eof: bool,
+    /// The connection is gone (POLLHUP, POLLERR): never polled again (poll
+    /// would report it at once, for ever); dropped once nothing is pending.
+    gone: bool,
     /// When the client last had nothing in progress.
     idle_since: Instant,
 }
@@ -167,7 +170,7 @@ impl Server {
             fds.push((l.as_fd(), PollFlags::POLLIN));
             tokens.push(None);
         }
-        for (id, c) in &self.clients {
+        for (id, c) in self.clients.iter().filter(|(_, c)| !c.gone) {
             let mut ev = PollFlags::empty();
             if !c.waiting && !c.eof {
                 ev |= PollFlags::POLLIN;
@@ -237,6 +240,7 @@ impl Server {
                     output: Vec::new(),
                     waiting: false,
                     eof: false,
+                    gone: false,
                     idle_since: Instant::now(),
                 },
             );
@@ -280,6 +284,11 @@ impl Server {
                 }
             }
             self.next_request(id);
+        }
+        if rev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
+            && let Some(c) = self.clients.get_mut(&id)
+        {
+            c.gone = true;
         }
         self.flush(id);
     }
@@ -344,7 +353,11 @@ impl Server {
                 }
             }
         }
-        if c.output.len() > MAX_PENDING_OUTPUT || (c.eof && c.output.is_empty() && !c.waiting) {
+        let done = c.output.is_empty() && !c.waiting;
+        if c.output.len() > MAX_PENDING_OUTPUT
+            || ((c.eof || c.gone) && done)
+            || (c.gone && !c.waiting)
+        {
             self.clients.remove(&id);
         }
     }

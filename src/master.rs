@@ -1686,13 +1686,20 @@ impl Master {
         let answer =
             json!({"ok": true, "new_pid": successor.as_raw(), "old_pid": self.pid.as_raw()});
         self.reply_all(up.waiters, &answer);
-        let moved = control::error(&format!(
-            "this master was replaced by master pid {successor}; send it there"
-        ));
-        for waiters in [self.pending_reload.take(), self.pending_upgrade.take()]
-            .into_iter()
-            .flatten()
-        {
+        // A reload asked for during the upgrade is the new master's to do:
+        // it may have read the config before the change.
+        if let Some(waiters) = self.pending_reload.take() {
+            log::info!("upgrade: passing the pending reload on to master pid {successor} (SIGHUP)");
+            let _ = kill(successor, Signal::SIGHUP);
+            let moved = control::error(&format!(
+                "this master was replaced by master pid {successor} during the upgrade; the reload was passed on to it as SIGHUP, so its outcome is in its log and status"
+            ));
+            self.reply_all(waiters, &moved);
+        }
+        if let Some(waiters) = self.pending_upgrade.take() {
+            let moved = control::error(&format!(
+                "this master was just replaced by master pid {successor}; ask it again"
+            ));
             self.reply_all(waiters, &moved);
         }
     }
