@@ -219,6 +219,8 @@ struct Reload {
 /// A binary upgrade whose new master is booting.
 struct Upgrade {
     pid: Pid,
+    /// Write end of its lifeline: held until this master exits.
+    lifeline: OwnedFd,
     /// Its readiness pipe (read end).
     pipe: Option<OwnedFd>,
     started: Instant,
@@ -274,6 +276,12 @@ pub struct Master {
     control: Option<control::Server>,
     /// Set in a new master until the old one has been told we are ready.
     handover: Option<(OwnedFd, Option<i32>)>,
+    /// In a new master: EOF once the old master (and so its workers) has
+    /// exited. Until then its generation counts as draining.
+    predecessor: Option<OwnedFd>,
+    /// In an old master that handed over: the write end of the new master's
+    /// `predecessor` pipe, closed by our exit.
+    lifeline: Option<OwnedFd>,
     children: HashMap<Pid, Child>,
     board: Scoreboard,
     signals: Signals,
@@ -375,8 +383,10 @@ impl Master {
             }
         };
         let mut handover = None;
+        let mut predecessor = None;
         let mut generation = 1;
         if let Some(inh) = inherited {
+            predecessor = inh.lifeline;
             for key in inh.fds.keys() {
                 log::warn!(
                     "the previous master handed over {key}, which the config no longer names; closing it"
@@ -429,6 +439,8 @@ impl Master {
             listeners,
             control,
             handover,
+            predecessor,
+            lifeline: None,
             children: HashMap::new(),
             board,
             signals,
@@ -459,6 +471,9 @@ impl Master {
             }
             if woke.upgrade {
                 self.read_upgrade();
+            }
+            if woke.predecessor_gone && self.predecessor.take().is_some() {
+                log::info!("the previous master has exited with all its workers");
             }
             let requests = match &mut self.control {
                 Some(c) => c.take_requests(),
@@ -498,6 +513,7 @@ impl Master {
             Signals,
             Ready(Pid),
             Upgrade,
+            Predecessor,
             Control,
         }
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
@@ -511,6 +527,10 @@ impl Master {
         if let Some(pipe) = self.upgrade.as_ref().and_then(|u| u.pipe.as_ref()) {
             fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
             tokens.push(Token::Upgrade);
+        }
+        if let Some(pipe) = &self.predecessor {
+            fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+            tokens.push(Token::Predecessor);
         }
         let mut control_set = None;
         if let Some(c) = &self.control {
@@ -549,6 +569,7 @@ impl Master {
                 Token::Ready(pid) if !rev.is_empty() => woke.ready.push(pid),
                 Token::Ready(_) => {}
                 Token::Upgrade => woke.upgrade = !rev.is_empty(),
+                Token::Predecessor => woke.predecessor_gone = !rev.is_empty(),
                 Token::Control => control_revents.push(rev),
             }
         }
@@ -1272,9 +1293,11 @@ impl Master {
     /// Whether workers of another generation than the current one are
     /// still alive (draining, or killed and not yet reaped).
     fn draining(&self) -> bool {
-        self.children
-            .values()
-            .any(|c| c.generation != self.generation)
+        self.predecessor.is_some()
+            || self
+                .children
+                .values()
+                .any(|c| c.generation != self.generation)
     }
 
     /// Starts the pending reload, or else the pending upgrade, once the
@@ -1537,7 +1560,7 @@ impl Master {
             let path = self.config.control.path().expect("a control socket");
             shared.push((l.as_fd(), upgrade::control_key(path)));
         }
-        let spawned = (|| -> io::Result<(std::process::Child, OwnedFd)> {
+        let spawned = (|| -> io::Result<(std::process::Child, OwnedFd, OwnedFd)> {
             if let Some((_, key)) = shared.iter().find(|(_, k)| k.contains('\n')) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -1545,6 +1568,7 @@ impl Master {
                 ));
             }
             let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            let (life_read, life_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
             let table: Vec<(i32, String)> = shared
                 .iter()
                 .map(|(fd, key)| (fd.as_raw_fd(), key.clone()))
@@ -1553,13 +1577,16 @@ impl Master {
             cmd.args(&exec.args)
                 .env(upgrade::ENV_FDS, upgrade::encode(&table))
                 .env(upgrade::ENV_NOTIFY, write.as_raw_fd().to_string())
+                .env(upgrade::ENV_LIFELINE, life_read.as_raw_fd().to_string())
                 .env(upgrade::ENV_FROM, self.pid.to_string())
-                .env(upgrade::ENV_GENERATION, self.generation.to_string());
+                // Failed reloads used numbers too: continue after them all.
+                .env(upgrade::ENV_GENERATION, self.last_generation.to_string());
             // Clear close-on-exec on exactly these descriptors for the
             // exec, then set it again whatever happened: the master is
             // single-threaded, so no other fork sees them meanwhile.
             let mut inheritable = shared.iter().map(|(fd, _)| *fd).collect::<Vec<_>>();
             inheritable.push(write.as_fd());
+            inheritable.push(life_read.as_fd());
             let result = inheritable
                 .iter()
                 .try_for_each(|fd| sys::set_cloexec(*fd, false))
@@ -1571,11 +1598,11 @@ impl Master {
                     log::error!("upgrade: cannot restore close-on-exec: {e}");
                 }
             }
-            result.map(|child| (child, read))
+            result.map(|child| (child, read, life_write))
         })();
         drop(shared);
         match spawned {
-            Ok((child, pipe)) => {
+            Ok((child, pipe, lifeline)) => {
                 let pid = Pid::from_raw(child.id() as i32);
                 // Reaped by waitpid(-1) like any child; std's handle is not
                 // used to wait.
@@ -1588,6 +1615,7 @@ impl Master {
                 );
                 self.upgrade = Some(Upgrade {
                     pid,
+                    lifeline,
                     pipe: Some(pipe),
                     started: now,
                     deadline: now + self.config.daemon.upgrade_timeout,
@@ -1663,6 +1691,7 @@ impl Master {
             return;
         };
         let successor = up.pid;
+        self.lifeline = Some(up.lifeline);
         log::info!(
             "upgrade: master pid {successor} is ready (after {}); retiring generation {}",
             humantime::format_duration(round_ms(up.started.elapsed())),
@@ -1799,6 +1828,7 @@ impl Master {
             "upgrade": {
                 "in_progress": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
                 "pending": self.pending_upgrade.is_some(),
+                "previous_master_draining": self.predecessor.is_some(),
             },
             "services": services,
         })
@@ -1812,6 +1842,8 @@ struct Woke {
     ready: Vec<Pid>,
     /// The next master's pipe is readable.
     upgrade: bool,
+    /// The previous master's lifeline reached EOF (it never writes).
+    predecessor_gone: bool,
 }
 
 /// Writes the pid file, if one is configured.

@@ -12,6 +12,10 @@
 //!   `control:PATH` for the control socket;
 //! - `PREFORKD_UPGRADE_FD`: a pipe on which the new master writes
 //!   `ready PID` once its first generation is ready, or `error: REASON`;
+//! - `PREFORKD_UPGRADE_LIFELINE`: the read end of a pipe whose write end
+//!   the old master holds until it exits (after its last worker): at EOF the
+//!   old generation is gone, and the new master may start a reload (at most
+//!   two generations alive, across masters too);
 //! - `PREFORKD_UPGRADE_FROM`: the old master's pid;
 //! - `PREFORKD_GENERATION`: the old master's generation, which the new one
 //!   continues from.
@@ -34,6 +38,8 @@ pub const ENV_FDS: &str = "PREFORKD_INHERIT_FDS";
 pub const ENV_NOTIFY: &str = "PREFORKD_UPGRADE_FD";
 /// The old master's pid.
 pub const ENV_FROM: &str = "PREFORKD_UPGRADE_FROM";
+/// The pipe that reaches EOF when the old master has exited.
+pub const ENV_LIFELINE: &str = "PREFORKD_UPGRADE_LIFELINE";
 /// The old master's generation.
 pub const ENV_GENERATION: &str = "PREFORKD_GENERATION";
 
@@ -75,6 +81,8 @@ pub struct Inherited {
     pub fds: HashMap<String, OwnedFd>,
     /// Where to report readiness.
     pub notify: Option<OwnedFd>,
+    /// EOF once the old master has exited.
+    pub lifeline: Option<OwnedFd>,
     /// The previous master.
     pub from: Option<i32>,
     /// The previous master's generation.
@@ -89,9 +97,10 @@ impl Inherited {
             return Ok(None);
         };
         let notify = std::env::var(ENV_NOTIFY).ok();
+        let lifeline = std::env::var(ENV_LIFELINE).ok();
         let from = std::env::var(ENV_FROM).ok();
         let generation = std::env::var(ENV_GENERATION).ok();
-        crate::sys::remove_env(&[ENV_FDS, ENV_NOTIFY, ENV_FROM, ENV_GENERATION])
+        crate::sys::remove_env(&[ENV_FDS, ENV_NOTIFY, ENV_LIFELINE, ENV_FROM, ENV_GENERATION])
             .map_err(|e| format!("cannot clear the upgrade environment: {e}"))?;
         let table = table
             .into_string()
@@ -100,17 +109,21 @@ impl Inherited {
         for (fd, key) in decode(&table)? {
             fds.insert(key, take_fd(fd)?);
         }
-        let notify = match notify {
-            None => None,
-            Some(n) => {
-                Some(take_fd(n.parse().map_err(|_| {
-                    format!("{ENV_NOTIFY}: bad descriptor {n:?}")
-                })?)?)
-            }
+        let fd_var = |name: &str, value: Option<String>| -> Result<Option<OwnedFd>, String> {
+            value
+                .map(|n| {
+                    n.parse()
+                        .map_err(|_| format!("{name}: bad descriptor {n:?}"))
+                        .and_then(take_fd)
+                })
+                .transpose()
         };
+        let notify = fd_var(ENV_NOTIFY, notify)?;
+        let lifeline = fd_var(ENV_LIFELINE, lifeline)?;
         Ok(Some(Inherited {
             fds,
             notify,
+            lifeline,
             from: from.and_then(|p| p.parse().ok()),
             generation: generation.and_then(|g| g.parse().ok()).unwrap_or(0),
         }))

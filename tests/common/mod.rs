@@ -255,3 +255,136 @@ pub fn service(name: &str, listen: &[&str], plugin: &str, extra: &str) -> String
 pub fn have_ipv6() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()
 }
+
+// ---------------------------------------------------------------------------
+// Control CLI, status and config rewrites (reload and upgrade tests).
+
+/// How long [`cli`] lets a `preforkd` command run before killing it.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `preforkd -c DIR/preforkd.toml ARGS` (e.g. `["reload"]`,
+/// `["status", "--json"]`) and returns its exit status and output. It is
+/// SIGKILLed after [`CLI_TIMEOUT`] (its status then says so), so a command
+/// that hangs never hangs the test.
+pub fn cli(d: &Daemon, args: &[&str]) -> std::process::Output {
+    let child = Command::new(bin())
+        .arg("-c")
+        .arg(d.path("preforkd.toml"))
+        .args(args)
+        .current_dir(d.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn preforkd");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // wait_with_output reads both pipes while waiting, so a chatty command
+    // never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(CLI_TIMEOUT) {
+        Ok(out) => out,
+        Err(_) => {
+            eprintln!("preforkd {args:?} still running after {CLI_TIMEOUT:?}: killing it");
+            // SAFETY: kill(2) has no memory effects. The child is not
+            // reaped yet (its waiter is blocked on it), so the pid is its.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            rx.recv().expect("the waiter thread reports")
+        }
+    };
+    out.expect("wait for preforkd")
+}
+
+/// A command's exit status and output, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stdout:\n{}--- stderr:\n{}---",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `preforkd status --json`, parsed; panics (with the log) if it fails.
+pub fn status(d: &Daemon) -> serde_json::Value {
+    let out = cli(d, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status failed: {}; log:\n{}",
+        show(&out),
+        d.log_text()
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", show(&out)))
+}
+
+/// Whether a status document shows a master at rest: running, no reload or
+/// upgrade in progress or pending, and every service with exactly its size
+/// of workers, all of the current generation and all ready (idle or busy).
+pub fn settled(v: &serde_json::Value) -> bool {
+    let generation = &v["generation"];
+    let Some(services) = v["services"].as_array() else {
+        return false;
+    };
+    v["state"] == "running"
+        && v["reload"]["in_progress"].is_null()
+        && v["reload"]["pending"] == false
+        && v["upgrade"]["in_progress"].is_null()
+        && v["upgrade"]["pending"] == false
+        && services.iter().all(|s| {
+            let workers = s["workers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            s["size"].as_u64() == Some(workers.len() as u64)
+                && workers.iter().all(|w| {
+                    &w["generation"] == generation && (w["state"] == "idle" || w["state"] == "busy")
+                })
+        })
+}
+
+/// Waits until [`settled`]; returns that status. Panics after [`DEADLINE`].
+pub fn wait_settled(d: &Daemon) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(DEADLINE, || {
+        last = status(d);
+        settled(&last).then(|| last.clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the master did not settle; last status:\n{last:#}\nlog:\n{}",
+            d.log_text()
+        )
+    })
+}
+
+/// The workers of `service` in a status document.
+pub fn status_workers<'a>(v: &'a serde_json::Value, service: &str) -> Vec<&'a serde_json::Value> {
+    v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["workers"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// The pid in the pid file (the current master, also after an upgrade).
+pub fn pid_file_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl Daemon {
+    /// Replaces the config file (`{dir}` replaced by the temp dir), whole:
+    /// written to a temporary name and renamed, so that a reload never reads
+    /// half of it.
+    pub fn write_config(&self, config: &str) {
+        let path = self.path("preforkd.toml");
+        let tmp = self.path("preforkd.toml.tmp");
+        fs::write(
+            &tmp,
+            config.replace("{dir}", self.dir.path().to_str().unwrap()),
+        )
+        .unwrap();
+        fs::rename(&tmp, &path).unwrap();
+    }
+}
