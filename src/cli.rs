@@ -60,6 +60,7 @@ pub enum Command {
         /// The service.
         service: String,
         /// Its number of workers (1 to 4096).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=4096))]
         workers: u32,
     },
 }

@@ -464,11 +464,29 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Value, 
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    stream
-        .write_all(format!("{}\n", request.to_line()).as_bytes())
-        .map_err(io_err)?;
+    // A master that refuses us closes at once: our request unread, so the
+    // close may come as a reset rather than an EOF. Either way, no answer.
+    let refused = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    };
+    if let Err(e) = stream.write_all(format!("{}\n", request.to_line()).as_bytes()) {
+        return Err(if refused(&e) {
+            CallError::NoAnswer { path: shown }
+        } else {
+            io_err(e)
+        });
+    }
     let mut line = String::new();
-    let n = BufReader::new(&stream).read_line(&mut line).map_err(|e| {
+    let read = BufReader::new(&stream).read_line(&mut line);
+    if let Err(e) = &read
+        && refused(e)
+    {
+        return Err(CallError::NoAnswer { path: shown });
+    }
+    let n = read.map_err(|e| {
         if e.kind() == io::ErrorKind::WouldBlock {
             io_err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -1145,10 +1145,8 @@ impl Master {
             Some(e) => control::error(&e.to_string()),
             None => json!({"ok": true, "stopped": true, "pid": self.pid.as_raw()}),
         };
-        let waiters = std::mem::take(&mut self.stop_waiters);
-        self.reply_all(waiters, &answer);
-        if let Some(mut c) = self.control.take() {
-            c.finish();
+        // Files first, answer last: whoever waits for `stop` finds them gone.
+        if let Some(c) = &mut self.control {
             c.close_listener(matches!(self.phase, Phase::Retiring { .. }));
         }
         if let Some(path) = self.pid_file.take() {
@@ -1159,6 +1157,11 @@ impl Master {
             if ours {
                 let _ = std::fs::remove_file(path);
             }
+        }
+        let waiters = std::mem::take(&mut self.stop_waiters);
+        self.reply_all(waiters, &answer);
+        if let Some(mut c) = self.control.take() {
+            c.finish();
         }
         match self.boot_failure.take() {
             Some(e) => Err(e),
