@@ -179,6 +179,15 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
             return code::SOFTWARE;
         }
     };
+    // Read and removed before anything forks, so that no worker inherits
+    // it; the master keeps the value.
+    let notifier = match crate::systemd::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!("cannot clear the systemd environment: {e}");
+            return code::SOFTWARE;
+        }
+    };
     let config = match load(cli, registry) {
         Ok(c) => c,
         Err(e) => {
@@ -225,6 +234,7 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
         config_path,
         exec,
         inherited,
+        notifier,
     };
     let result = Master::new(config, registry.clone(), startup).and_then(Master::run);
     match result {

@@ -17,6 +17,7 @@
 //!   registry and the built-in plugins (echo, discard, daytime, chargen).
 //! - [`signals`]: the master's signal self-pipe.
 //! - [`exit`]: exit codes, and classification of a child's wait status.
+//! - [`systemd`]: sd_notify messages to the service manager.
 //! - [`sys`]: the few `unsafe` operating-system calls.
 //! - [`log`]: the stderr logger.
 //!
@@ -66,5 +67,6 @@ pub mod master;
 pub mod scoreboard;
 pub mod signals;
 pub mod sys;
+pub mod systemd;
 pub mod upgrade;
 pub mod worker;

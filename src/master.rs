@@ -9,6 +9,11 @@
 //! deadlines → exit when stopping and no child is left → spawn what the pools
 //! lack.
 //!
+//! The service manager hears of every transition (src/systemd.rs): `READY=1`
+//! when the first generation is ready, `RELOADING=1` … `READY=1` around a
+//! reload, `STOPPING=1`, `MAINPID=` across a binary upgrade, a `STATUS=` line
+//! whenever it changes, and `WATCHDOG=1` from a timer of the loop.
+//!
 //! Owns: all master state, in [`Master`]; the listeners (until exit); the
 //! read ends of the workers' ready pipes; the pid file.
 
@@ -35,6 +40,7 @@ use crate::listener::{ListenError, Listener};
 use crate::scoreboard::Scoreboard;
 use crate::signals::{Event, Signals};
 use crate::sys::{self, Forked};
+use crate::systemd::{self, Notifier, NotifyState};
 use crate::upgrade::{self, Exec, Inherited};
 use crate::worker::{self, WorkerSpec};
 
@@ -248,6 +254,8 @@ pub struct Startup {
     pub exec: Option<Exec>,
     /// Sockets and the readiness pipe from the previous master.
     pub inherited: Option<Inherited>,
+    /// Where to send sd_notify messages (the default: nowhere).
+    pub notifier: Notifier,
 }
 
 /// The master process's whole state.
@@ -290,6 +298,12 @@ pub struct Master {
     started: Instant,
     /// Set when the first generation fails; the master exits with it.
     boot_failure: Option<MasterError>,
+    /// sd_notify messages to the service manager.
+    notifier: Notifier,
+    /// The last `STATUS=` sent, so that only changes are sent.
+    last_status: String,
+    /// When to send the next `WATCHDOG=1`.
+    watchdog_at: Option<Instant>,
 }
 
 /// Finds the listener named `key`.
@@ -331,6 +345,7 @@ impl Master {
             config_path,
             exec,
             mut inherited,
+            mut notifier,
         } = startup;
         let mut listeners: Vec<Listener> = Vec::new();
         let cleanup = |listeners: &mut Vec<Listener>| {
@@ -395,6 +410,8 @@ impl Master {
             generation = inh.generation + 1;
             if let Some(notify) = inh.notify {
                 handover = Some((notify, inh.from));
+                // The old master speaks for the service until we take over.
+                notifier.hold();
             }
         }
         let pid = nix::unistd::getpid();
@@ -448,6 +465,9 @@ impl Master {
             pid_file,
             started: Instant::now(),
             boot_failure: None,
+            watchdog_at: notifier.watchdog_interval().map(|_| Instant::now()),
+            notifier,
+            last_status: String::new(),
         })
     }
 
@@ -464,6 +484,7 @@ impl Master {
         self.spawn_missing();
         loop {
             let woke = self.wait()?;
+            self.tick_watchdog();
             let events = self.signals.drain();
             self.reap();
             for pid in woke.ready {
@@ -501,6 +522,7 @@ impl Master {
                     self.start_pending();
                     self.close_unused_listeners();
                     self.spawn_missing();
+                    self.update_status();
                 }
             }
         }
@@ -580,7 +602,7 @@ impl Master {
     }
 
     /// The earliest timer: a slot's respawn, a kill, a ready deadline, the
-    /// upgrade's deadline, an idle control client.
+    /// upgrade's deadline, an idle control client, the watchdog.
     fn next_deadline(&self) -> Option<Instant> {
         let respawns = self
             .pools
@@ -597,7 +619,12 @@ impl Master {
             .filter_map(|c| c.kill_at.or_else(|| (!c.ready).then_some(c.ready_deadline)));
         let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
         let control = self.control.as_ref().and_then(|c| c.deadline());
-        respawns.chain(children).chain(upgrade).chain(control).min()
+        respawns
+            .chain(children)
+            .chain(upgrade)
+            .chain(control)
+            .chain(self.watchdog_at)
+            .min()
     }
 
     /// The pools of generation `generation`, if it is the current one or
@@ -756,7 +783,21 @@ impl Master {
                 .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
                 .collect();
             log::info!("ready: {}", summary.join(", "));
+            let upgraded = self.handover.is_some();
             self.complete_handover();
+            if self.phase != Phase::Running {
+                return; // the handover failed: we are stopping
+            }
+            let status = self.status_line(None);
+            let mut states = vec![NotifyState::Ready, NotifyState::Status(&status)];
+            if upgraded {
+                // We are the service's main process now. The old master
+                // says so too (announce_successor); whichever message the
+                // service manager reads first, the outcome is the same.
+                states.insert(0, NotifyState::MainPid(self.pid.as_raw() as u32));
+            }
+            self.notifier.send(&states);
+            self.last_status = status;
         }
     }
 
@@ -780,6 +821,7 @@ impl Master {
             c.take_ownership();
         }
         let from = from.map_or_else(|| "?".to_string(), |p| p.to_string());
+        self.notifier.release();
         match upgrade::report_ready(notify, self.pid.as_raw() as u32) {
             Ok(()) => log::info!("upgrade: took over from master pid {from}"),
             Err(e) => log::warn!(
@@ -934,6 +976,17 @@ impl Master {
             }
             _ => {}
         }
+        // Stopping before the reload is aborted: a reload that ends in a
+        // stop does not tell the service manager READY=1.
+        self.phase = Phase::Stopping { fast };
+        let status = match &self.boot_failure {
+            Some(e) => systemd::status_text(&format!("stopping: {e}")),
+            None if fast => "stopping (fast)".to_string(),
+            None => "stopping (graceful)".to_string(),
+        };
+        self.notifier
+            .send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+        self.last_status = status;
         if self.reload.is_some() {
             self.abort_reload("the master is stopping");
         }
@@ -947,7 +1000,6 @@ impl Master {
         {
             self.reply_all(waiters, &control::error("the master is stopping"));
         }
-        self.phase = Phase::Stopping { fast };
         self.stop_generation(None, sig);
         for mut l in self.listeners.drain(..) {
             // A listener still shared with the previous master (an upgrade
@@ -1326,6 +1378,14 @@ impl Master {
     fn start_reload(&mut self, waiters: Vec<ClientId>) {
         self.last_generation += 1;
         let generation = self.last_generation;
+        // Before the config is read: an invalid one is a reload too, and
+        // ends with READY=1 like any other (reload_failed).
+        let status = self.status_line(Some(generation));
+        let mut states = vec![NotifyState::Reloading];
+        states.extend(systemd::monotonic_now());
+        states.push(NotifyState::Status(&status));
+        self.notifier.send(&states);
+        self.last_status = status;
         let loaded = match &self.config_path {
             Some(path) => Config::load(path, &self.registry),
             None => Config::embedded(&self.registry),
@@ -1442,6 +1502,7 @@ impl Master {
             message,
             at: SystemTime::now(),
         });
+        self.notify_ready();
         let answer = json!({
             "ok": true,
             "generation": self.generation,
@@ -1507,6 +1568,9 @@ impl Master {
             message,
             at: SystemTime::now(),
         });
+        if self.phase == Phase::Running {
+            self.notify_ready();
+        }
         let answer = json!({
             "ok": false,
             "generation": generation,
@@ -1584,6 +1648,11 @@ impl Master {
                 .env(upgrade::ENV_FROM, self.pid.to_string())
                 // Failed reloads used numbers too: continue after them all.
                 .env(upgrade::ENV_GENERATION, self.last_generation.to_string());
+            // Removed from our environment before the first fork (no
+            // worker sees them), but the next master needs them.
+            for (name, value) in self.notifier.successor_env() {
+                cmd.env(name, value);
+            }
             // Clear close-on-exec on exactly these descriptors for the
             // exec, then set it again whatever happened: the master is
             // single-threaded, so no other fork sees them meanwhile.
@@ -1736,11 +1805,84 @@ impl Master {
         }
     }
 
-    /// Tells the service manager that `successor` is the main process now.
-    /// The systemd integration sends `MAINPID=` from here; without it, the
-    /// pid file (written by the successor) is how others find it.
+    /// Tells the service manager that `successor` is the main process now
+    /// (`MAINPID=`, which needs `NotifyAccess=all` since it comes from the
+    /// old main process about another); without one, the pid file (written
+    /// by the successor) is how others find it. No `STATUS=` here: the
+    /// successor sends its own, and ours could arrive after it.
     fn announce_successor(&self, successor: Pid) {
         log::info!("master pid {successor} is the main process now");
+        self.notifier
+            .send(&[NotifyState::MainPid(successor.as_raw() as u32)]);
+    }
+
+    /// `READY=1` with the status: the end of a reload, success or not.
+    fn notify_ready(&mut self) {
+        let status = self.status_line(None);
+        self.notifier
+            .send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        self.last_status = status;
+    }
+
+    /// Sends `STATUS=` when it changed (a worker died or became ready)
+    /// while running; transitions send theirs with their message.
+    fn update_status(&mut self) {
+        if self.phase != Phase::Running || !self.notifier.enabled() {
+            return;
+        }
+        let status = self.status_line(self.reload.as_ref().map(|r| r.generation));
+        if status != self.last_status {
+            self.notifier.send(&[NotifyState::Status(&status)]);
+            self.last_status = status;
+        }
+    }
+
+    /// Sends `WATCHDOG=1` when its timer is due: from the loop, so a master
+    /// stuck anywhere stops feeding it. A retiring master leaves that to
+    /// its successor.
+    fn tick_watchdog(&mut self) {
+        let (Some(at), Some(every)) = (self.watchdog_at, self.notifier.watchdog_interval()) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        if matches!(self.phase, Phase::Retiring { .. }) {
+            self.watchdog_at = None;
+            return;
+        }
+        self.notifier.send(&[NotifyState::Watchdog]);
+        self.watchdog_at = Some(now + every);
+    }
+
+    /// The one-line state for `STATUS=`: `generation 3; echo 4/4 workers;
+    /// last reload ok (generation 3)`. `reloading`: the generation a reload
+    /// is starting.
+    fn status_line(&self, reloading: Option<u64>) -> String {
+        let mut parts = vec![format!("generation {}", self.generation)];
+        for p in &self.pools {
+            let ready = p
+                .slots
+                .iter()
+                .filter_map(|s| s.pid)
+                .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
+                .count();
+            parts.push(format!("{} {ready}/{} workers", p.name(), p.slots.len()));
+        }
+        match (reloading, &self.last_reload) {
+            (Some(g), _) => parts.push(format!("reloading (generation {g})")),
+            (None, Some(o)) if o.ok => {
+                parts.push(format!("last reload ok (generation {})", o.generation))
+            }
+            (None, Some(o)) => parts.push(format!(
+                "last reload failed (generation {}): {}",
+                o.generation,
+                reload_reason(&o.message)
+            )),
+            (None, None) => {}
+        }
+        systemd::status_text(&parts.join("; "))
     }
 
     /// The state as `preforkd status` shows it.
@@ -1898,6 +2040,15 @@ pub fn backoff(failures: u32) -> Duration {
     (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
+/// The reason in a failed reload's log message (`reload (generation N)
+/// failed[ after T]: REASON; generation M keeps serving`).
+fn reload_reason(message: &str) -> &str {
+    let reason = message.split_once(": ").map_or(message, |(_, r)| r);
+    reason
+        .rsplit_once("; generation ")
+        .map_or(reason, |(r, _)| r)
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
@@ -1905,6 +2056,22 @@ fn round_ms(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_quotes_a_failed_reload_by_its_reason() {
+        assert_eq!(
+            reload_reason(
+                "reload (generation 4) failed after 12ms: worker echo#0 failed to boot: no; generation 3 keeps serving"
+            ),
+            "worker echo#0 failed to boot: no"
+        );
+        assert_eq!(
+            reload_reason(
+                "reload (generation 2) failed: invalid config: /x.toml:3:1: bad; generation 1 keeps serving"
+            ),
+            "invalid config: /x.toml:3:1: bad"
+        );
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

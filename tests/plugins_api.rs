@@ -16,6 +16,8 @@
 //!   connection lost, the worker lives on.
 //! - `stubborn`: echo over blocking `Read`, deaf to the shutdown flag: the
 //!   master SIGKILLs it after `graceful_timeout`.
+//! - `environ`: writes the names of the worker's environment variables, one
+//!   a line: systemd's variables never reach a worker.
 
 mod common;
 
@@ -74,6 +76,18 @@ impl StreamHandler for Stubborn {
     }
 }
 
+/// Writes the names of the worker's environment variables, then closes.
+struct Environ;
+
+impl StreamHandler for Environ {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let names: String = std::env::vars_os()
+            .map(|(k, _)| format!("{}\n", k.to_string_lossy()))
+            .collect();
+        conn.write_all(names.as_bytes())
+    }
+}
+
 fn stream_only(handler: impl StreamHandler + 'static) -> Handlers {
     Handlers {
         stream: Some(Arc::new(handler)),
@@ -118,6 +132,12 @@ fn registry() -> Registry {
         stream: true,
         datagram: false,
         factory: Arc::new(|_ctx| Ok(stream_only(Stubborn))),
+    });
+    r.register(PluginInfo {
+        name: "environ".into(),
+        stream: true,
+        datagram: false,
+        factory: Arc::new(|_ctx| Ok(stream_only(Environ))),
     });
     r
 }
@@ -314,6 +334,45 @@ fn stubborn_is_killed_after_graceful_timeout() {
     }
 }
 
+/// NOTIFY_SOCKET and the watchdog variables are for the master: a worker
+/// (and whatever it runs) never sees them, though it sees the rest of the
+/// environment.
+fn workers_do_not_inherit_notify_socket() {
+    let dir = tempdir();
+    let socket = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    let exe = std::env::current_exe().expect("current_exe");
+    let d = Daemon::start_bin(
+        &exe,
+        &service("env", &["tcp://127.0.0.1:0"], "environ", "workers = 1"),
+        &[
+            (DAEMON_ENV, "1"),
+            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
+            ("WATCHDOG_USEC", "30000000"),
+        ],
+    );
+    // READY=1 on the socket: the master did read it.
+    notify
+        .set_read_timeout(Some(DEADLINE))
+        .expect("set_read_timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no READY=1 ({e}); log:\n{}", d.log_text()));
+        if buf[..n].starts_with(b"READY=1\n") {
+            break;
+        }
+    }
+    let mut s = connect(d.addr("tcp", "env")).unwrap();
+    let names = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    let names: Vec<&str> = names.lines().collect();
+    assert!(names.contains(&DAEMON_ENV), "{names:?}");
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        assert!(!names.contains(&var), "a worker sees {var}: {names:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The runner.
 
@@ -321,7 +380,7 @@ fn main() {
     if std::env::var_os(DAEMON_ENV).is_some_and(|v| v == "1") {
         preforkd::cli::main_with(registry());
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "failboot_exits_78_without_a_crash_loop",
             failboot_exits_78_without_a_crash_loop,
@@ -337,6 +396,10 @@ fn main() {
         (
             "stubborn_is_killed_after_graceful_timeout",
             stubborn_is_killed_after_graceful_timeout,
+        ),
+        (
+            "workers_do_not_inherit_notify_socket",
+            workers_do_not_inherit_notify_socket,
         ),
     ];
     // Like libtest: arguments that are not options filter tests by name.
