@@ -378,12 +378,12 @@ impl Server {
     }
 
     /// Last words before the master exits: best effort, never blocking.
+    /// The connections stay open (until the process exits).
     pub fn finish(&mut self) {
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for id in ids {
             self.flush(id);
         }
-        self.clients.clear();
     }
 }
 
@@ -499,10 +499,40 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Value, 
     if n == 0 {
         return Err(CallError::NoAnswer { path: shown });
     }
-    serde_json::from_str(line.trim()).map_err(|_| CallError::BadAnswer {
-        path: shown,
+    let answer: Value = serde_json::from_str(line.trim()).map_err(|_| CallError::BadAnswer {
+        path: shown.clone(),
         answer: line.trim().to_string(),
-    })
+    })?;
+    if *request == Request::Stop && answer["ok"] == Value::Bool(true) {
+        // The master answers `stop` just before it exits, and its end of
+        // the connection closes with the process: wait for that.
+        let mut rest = Vec::new();
+        let _ = (&stream).read_to_end(&mut rest);
+        // Descriptors close a moment before the process is a zombie.
+        if let Some(pid) = answer["pid"].as_i64() {
+            wait_exited(pid, timeout);
+        }
+    }
+    Ok(answer)
+}
+
+/// Waits (bounded) until process `pid` is gone or a zombie.
+fn wait_exited(pid: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat) => {
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.trim_start().chars().next());
+                if matches!(state, Some('Z' | 'X') | None) {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 #[cfg(test)]

@@ -287,6 +287,9 @@ pub struct Master {
     /// In a new master: EOF once the old master (and so its workers) has
     /// exited. Until then its generation counts as draining.
     predecessor: Option<OwnedFd>,
+    /// In a new master: inherited Unix sockets the config no longer names,
+    /// whose files are removed once the handover is done.
+    orphans: Vec<Listener>,
     /// In an old master that handed over: the write end of the new master's
     /// `predecessor` pipe, closed by our exit.
     lifeline: Option<OwnedFd>,
@@ -399,13 +402,26 @@ impl Master {
         };
         let mut handover = None;
         let mut predecessor = None;
+        let mut orphans = Vec::new();
         let mut generation = 1;
         if let Some(inh) = inherited {
             predecessor = inh.lifeline;
-            for key in inh.fds.keys() {
+            for (key, fd) in inh.fds {
                 log::warn!(
-                    "the previous master handed over {key}, which the config no longer names; closing it"
+                    "the previous master handed over {key}, which the config no longer names; closing it once the upgrade is done"
                 );
+                // A Unix socket's file is removed then (until the handover
+                // the old master still serves on it).
+                let unix = key
+                    .strip_prefix("control:")
+                    .map(|p| ListenAddr::Unix(p.into()))
+                    .or_else(|| key.parse::<ListenAddr>().ok())
+                    .filter(|a| matches!(a, ListenAddr::Unix(_) | ListenAddr::UnixGram(_)));
+                if let Some(addr) = unix
+                    && let Ok(l) = Listener::adopt(&addr, fd)
+                {
+                    orphans.push(l);
+                }
             }
             generation = inh.generation + 1;
             if let Some(notify) = inh.notify {
@@ -457,6 +473,7 @@ impl Master {
             control,
             handover,
             predecessor,
+            orphans,
             lifeline: None,
             children: HashMap::new(),
             board,
@@ -819,6 +836,10 @@ impl Master {
         }
         if let Some(c) = &mut self.control {
             c.take_ownership();
+        }
+        for mut l in self.orphans.drain(..) {
+            log::info!("closing {}, which the config no longer names", l.bound);
+            l.remove_file();
         }
         let from = from.map_or_else(|| "?".to_string(), |p| p.to_string());
         self.notifier.release();
@@ -1214,6 +1235,10 @@ impl Master {
         self.reply_all(waiters, &answer);
         if let Some(mut c) = self.control.take() {
             c.finish();
+            // The clients' connections close with the process itself, so
+            // a `preforkd stop` that waits for EOF after its answer returns
+            // once the master has really exited.
+            std::mem::forget(c);
         }
         match self.boot_failure.take() {
             Some(e) => Err(e),
@@ -1244,6 +1269,18 @@ impl Master {
 
     /// A control request.
     fn on_request(&mut self, client: ClientId, request: Request) {
+        if request != Request::Status
+            && let Some((_, from)) = &self.handover
+        {
+            // Until the handover, the old master is in charge: a stop here
+            // would leave it serving, a reload would not be its.
+            let from = from.map_or_else(|| "?".to_string(), |p| p.to_string());
+            let answer = control::error(&format!(
+                "this master is still taking over from master pid {from} (binary upgrade); ask again when the upgrade is done"
+            ));
+            self.reply(client, &answer);
+            return;
+        }
         match request {
             Request::Status => {
                 let status = self.status();
@@ -1778,7 +1815,8 @@ impl Master {
         if let Some(c) = &mut self.control {
             c.close_listener(true);
         }
-        self.pid_file = None;
+        // The pid file is the new master's now; finish() removes it only if
+        // it still names us (the new config may name another path).
         self.phase = Phase::Retiring { successor };
         sys::set_title(&format!(
             "preforkd: master (retiring, replaced by {successor})"
