@@ -1187,7 +1187,10 @@ plugin = "echo"
     #[test]
     fn log_errors_are_located() {
         let e = with_log("target = \"journal\"").unwrap_err();
-        assert!(e.starts_with("t.toml:2:10: unknown variant `journal`"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2:10: unknown variant `journal`"),
+            "{e}"
+        );
         let e = with_log("target = \"file\"").unwrap_err();
         assert!(
             e.starts_with("t.toml:2:10: target = \"file\" needs the file's path"),
@@ -1195,7 +1198,9 @@ plugin = "echo"
         );
         let e = with_log("facility = \"local8\"").unwrap_err();
         assert!(
-            e.starts_with("t.toml:2:12: unknown syslog facility \"local8\": expected one of kern, user,"),
+            e.starts_with(
+                "t.toml:2:12: unknown syslog facility \"local8\": expected one of kern, user,"
+            ),
             "{e}"
         );
         let e = with_log("syslog = \"/dev/log\"").unwrap_err();
@@ -1203,7 +1208,10 @@ plugin = "echo"
         let e = with_log("syslog = \"udp://10.0.0.1\"").unwrap_err();
         assert!(e.contains("HOST:PORT"), "{e}");
         let e = with_log("syslog_format = \"rfc9999\"").unwrap_err();
-        assert!(e.starts_with("t.toml:2:17: unknown variant `rfc9999`"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2:17: unknown variant `rfc9999`"),
+            "{e}"
+        );
         let e = with_log("colour = true").unwrap_err();
         assert!(e.starts_with("t.toml:2:1: unknown field `colour`"), "{e}");
     }

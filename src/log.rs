@@ -193,6 +193,12 @@ pub fn fds() -> Vec<RawFd> {
     }
 }
 
+/// In a freshly forked worker: its own count of dropped records starts at
+/// zero (the master's are the master's to report).
+pub fn after_fork() {
+    DROPPED.store(0, Ordering::Relaxed);
+}
+
 /// Asks for the log target to be reopened before the next record.
 /// Async-signal-safe: it only stores to an atomic.
 pub fn request_reopen() {

@@ -854,13 +854,15 @@ impl Master {
     /// SIGUSR1: reopen the log target here and in every worker.
     fn reopen_logs(&mut self) {
         crate::log::reopen();
-        log::info!(
-            "SIGUSR1: log files reopened; telling {} workers",
-            self.children.len()
-        );
+        // Signalled before the line is written: whoever reads it knows
+        // every worker has the request pending.
         for pid in self.children.keys() {
             let _ = kill(*pid, Signal::SIGUSR1);
         }
+        log::info!(
+            "SIGUSR1: log files reopened; told {} workers",
+            self.children.len()
+        );
     }
 
     /// Sets pool `p`'s size: new slots are filled by spawn_missing; the
