@@ -472,3 +472,22 @@ fn syslog_over_udp_rfc3164_names_the_host() {
         "{ready}"
     );
 }
+
+#[test]
+fn reload_keeps_the_target_and_says_so() {
+    let d = Daemon::start(&recycling_echo(1));
+    d.wait_ready();
+    d.write_config(&format!(
+        "[log]\ntarget = \"file\"\nfile = \"{{dir}}/out.log\"\n{}",
+        recycling_echo(1)
+    ));
+    d.signal(libc::SIGHUP);
+    let warning = d
+        .wait_log("reload: [log] target changes take effect at the next restart or binary upgrade");
+    assert!(warning.contains(" WARN: "), "{warning}");
+    d.wait_log("reload (generation 2) succeeded");
+    assert!(
+        !d.path("out.log").exists(),
+        "the file target was not applied"
+    );
+}
