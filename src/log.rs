@@ -2,7 +2,7 @@
 //! error, a syslog daemon, or a file.
 //!
 //! State owned here: the one logger the `log` crate allows per process, and
-//! behind it a swappable [`Sink`] (the target), guarded by a mutex because
+//! behind it a swappable `Sink` (the target), guarded by a mutex because
 //! worker threads log concurrently. The master is single-threaded and never
 //! forks while it holds the mutex, so a worker starts with it free.
 //!
