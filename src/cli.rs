@@ -197,7 +197,13 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
             return config_error(&e);
         }
     };
-    crate::log::init(config.log.level.filter());
+    if let Err(e) = crate::log::configure(&config.log) {
+        if let Some(i) = &mut inherited {
+            i.report_error(&e.to_string());
+        }
+        log::error!("{e}");
+        return code::CANTCREAT;
+    }
     if cli.config.is_none() {
         log::info!(
             "no --config given: serving the embedded default (echo on tcp://127.0.0.1:8009, 2 workers)"

@@ -133,24 +133,246 @@ impl ControlConfig {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Where log lines go.
-    #[serde(default)]
-    pub target: LogTarget,
+    #[serde(default = "default_log_target")]
+    pub target: Spanned<LogTarget>,
     /// The least severe level that is written.
     #[serde(default)]
     pub level: LogLevel,
+    /// The log file, for `target = "file"` (required there, ignored
+    /// otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<Spanned<PathBuf>>,
+    /// Where syslog records go, for `target = "syslog"`.
+    #[serde(default)]
+    pub syslog: SyslogAddr,
+    /// The syslog record format.
+    #[serde(default)]
+    pub syslog_format: SyslogFormat,
+    /// The syslog facility.
+    #[serde(default)]
+    pub facility: Facility,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            target: default_log_target(),
+            level: LogLevel::default(),
+            file: None,
+            syslog: SyslogAddr::default(),
+            syslog_format: SyslogFormat::default(),
+            facility: Facility::default(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// The configured target.
+    pub fn target(&self) -> LogTarget {
+        *self.target.get_ref()
+    }
+
+    /// The log file's path, if one is configured.
+    pub fn file_path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|f| f.get_ref().as_path())
+    }
+
+    /// Whether `other` logs to the same place in the same form (everything
+    /// but the level, which a reload applies at once).
+    pub fn same_target(&self, other: &LogConfig) -> bool {
+        self.target() == other.target()
+            && self.file_path() == other.file_path()
+            && self.syslog == other.syslog
+            && self.syslog_format == other.syslog_format
+            && self.facility == other.facility
+    }
+}
+
+fn default_log_target() -> Spanned<LogTarget> {
+    Spanned::new(0..0, LogTarget::Stderr)
 }
 
 /// `[log] target`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogTarget {
-    /// Standard error, one line per record.
+    /// Standard error, one line per record: timestamped, or with `<N>`
+    /// priority prefixes when it is a journald stream.
     #[default]
     Stderr,
+    /// A syslog daemon: the local socket or a remote address.
+    Syslog,
+    /// A file, opened for appending and reopened on SIGUSR1.
+    File,
+}
+
+/// `[log] syslog`: where syslog records are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogAddr {
+    /// `unix:PATH`: a local Unix datagram socket (default `/dev/log`).
+    Unix(PathBuf),
+    /// `udp://HOST:PORT`.
+    Udp(String),
+    /// `tcp://HOST:PORT` (RFC 6587 framing).
+    Tcp(String),
+}
+
+impl Default for SyslogAddr {
+    fn default() -> SyslogAddr {
+        SyslogAddr::Unix(PathBuf::from("/dev/log"))
+    }
+}
+
+impl fmt::Display for SyslogAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyslogAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            SyslogAddr::Udp(a) => write!(f, "udp://{a}"),
+            SyslogAddr::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+impl FromStr for SyslogAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected unix:PATH, udp://HOST:PORT or tcp://HOST:PORT";
+        let host_port = |rest: &str| -> Result<String, String> {
+            let ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if ok {
+                Ok(rest.to_string())
+            } else {
+                Err(format!(
+                    "invalid syslog address {s:?}: expected HOST:PORT after the scheme, with a port from 1 to 65535"
+                ))
+            }
+        };
+        if let Some(rest) = s.strip_prefix("udp://") {
+            Ok(SyslogAddr::Udp(host_port(rest)?))
+        } else if let Some(rest) = s.strip_prefix("tcp://") {
+            Ok(SyslogAddr::Tcp(host_port(rest)?))
+        } else if let Some(rest) = s.strip_prefix("unix:") {
+            if rest.is_empty() || rest.len() > MAX_UNIX_PATH || rest.contains('\0') {
+                return Err(format!(
+                    "invalid syslog address {s:?}: expected a socket path of 1 to {MAX_UNIX_PATH} bytes"
+                ));
+            }
+            Ok(SyslogAddr::Unix(PathBuf::from(rest)))
+        } else {
+            Err(format!("invalid syslog address {s:?}: {EXPECTED}"))
+        }
+    }
+}
+
+impl Serialize for SyslogAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for SyslogAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `[log] syslog_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogFormat {
+    /// BSD syslog: `<PRI>Mmm dd hh:mm:ss [HOST ]preforkd[PID]: MSG`.
+    #[default]
+    Rfc3164,
+    /// `<PRI>1 TIMESTAMP HOST preforkd PID - - MSG`.
+    Rfc5424,
+}
+
+/// `[log] facility`: one of the syslog facility names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facility(u8);
+
+impl Facility {
+    /// The names, in code order (kern = 0 ... local7 = 23; 12 to 15 have
+    /// no common name and are not offered).
+    const NAMES: [(&'static str, u8); 20] = [
+        ("kern", 0),
+        ("user", 1),
+        ("mail", 2),
+        ("daemon", 3),
+        ("auth", 4),
+        ("syslog", 5),
+        ("lpr", 6),
+        ("news", 7),
+        ("uucp", 8),
+        ("cron", 9),
+        ("authpriv", 10),
+        ("ftp", 11),
+        ("local0", 16),
+        ("local1", 17),
+        ("local2", 18),
+        ("local3", 19),
+        ("local4", 20),
+        ("local5", 21),
+        ("local6", 22),
+        ("local7", 23),
+    ];
+
+    /// The facility code (0 to 23); the PRI of a record is code * 8 + severity.
+    pub fn code(self) -> u8 {
+        self.0
+    }
+
+    /// Its name, as written in the config.
+    pub fn name(self) -> &'static str {
+        Facility::NAMES
+            .iter()
+            .find(|(_, c)| *c == self.0)
+            .map(|(n, _)| *n)
+            .expect("only known codes are built")
+    }
+}
+
+impl Default for Facility {
+    fn default() -> Facility {
+        Facility(3)
+    }
+}
+
+impl FromStr for Facility {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Facility::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, c)| Facility(*c))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Facility::NAMES.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown syslog facility {s:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl Serialize for Facility {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Facility {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
 }
 
 /// `[log] level`.
@@ -623,6 +845,17 @@ impl Config {
         if self.services.is_empty() {
             return Err((0..0, "no [[service]] defined: expected at least one".into()));
         }
+        if self.log.target() == LogTarget::File && self.log.file.is_none() {
+            return Err((
+                self.log.target.span(),
+                "target = \"file\" needs the file's path: file = \"/var/log/preforkd/preforkd.log\"".into(),
+            ));
+        }
+        if let Some(file) = &self.log.file
+            && file.get_ref().as_os_str().is_empty()
+        {
+            return Err((file.span(), "file is empty: expected a path".into()));
+        }
         let mut names: HashMap<&str, ()> = HashMap::new();
         let mut addrs: HashMap<String, String> = HashMap::new();
         if let Some(socket) = &self.control.socket {
@@ -760,9 +993,12 @@ plugin = "echo"
         assert_eq!(s.graceful_timeout, Duration::from_secs(30));
         assert_eq!(s.ready_timeout, Duration::from_secs(30));
         assert_eq!(
-            (c.log.target, c.log.level),
-            (LogTarget::Stderr, LogLevel::Info)
+            (c.log.target(), c.log.level, c.log.file_path()),
+            (LogTarget::Stderr, LogLevel::Info, None)
         );
+        assert_eq!(c.log.syslog, SyslogAddr::Unix("/dev/log".into()));
+        assert_eq!(c.log.syslog_format, SyslogFormat::Rfc3164);
+        assert_eq!(c.log.facility.name(), "daemon");
         assert_eq!(c.daemon.upgrade_timeout, Duration::from_secs(60));
         assert_eq!(c.control.path(), None);
     }
@@ -923,6 +1159,61 @@ plugin = "echo"
             SocketMode(0o640)
         );
         assert!(with("\"999\"").is_err());
+    }
+
+    fn with_log(log: &str) -> Result<Config, String> {
+        parse(&format!("[log]\n{log}\n{GOOD}"))
+    }
+
+    #[test]
+    fn log_targets_and_their_keys() {
+        let c = with_log(
+            "target = \"syslog\"\nsyslog = \"udp://[::1]:514\"\nsyslog_format = \"rfc5424\"\nfacility = \"local3\"",
+        )
+        .unwrap();
+        assert_eq!(c.log.target(), LogTarget::Syslog);
+        assert_eq!(c.log.syslog, SyslogAddr::Udp("[::1]:514".into()));
+        assert_eq!(c.log.syslog_format, SyslogFormat::Rfc5424);
+        assert_eq!(c.log.facility.code(), 19);
+        let again = parse(&c.to_toml()).unwrap();
+        assert!(again.log.same_target(&c.log));
+        let c = with_log("target = \"syslog\"\nsyslog = \"tcp://logs.example:6514\"").unwrap();
+        assert_eq!(c.log.syslog, SyslogAddr::Tcp("logs.example:6514".into()));
+        let c = with_log("target = \"file\"\nfile = \"/var/log/p.log\"").unwrap();
+        assert_eq!(c.log.file_path(), Some(Path::new("/var/log/p.log")));
+        assert!(!c.log.same_target(&LogConfig::default()));
+    }
+
+    #[test]
+    fn log_errors_are_located() {
+        let e = with_log("target = \"journal\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:2:10: unknown variant `journal`"),
+            "{e}"
+        );
+        let e = with_log("target = \"file\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:2:10: target = \"file\" needs the file's path"),
+            "{e}"
+        );
+        let e = with_log("facility = \"local8\"").unwrap_err();
+        assert!(
+            e.starts_with(
+                "t.toml:2:12: unknown syslog facility \"local8\": expected one of kern, user,"
+            ),
+            "{e}"
+        );
+        let e = with_log("syslog = \"/dev/log\"").unwrap_err();
+        assert!(e.starts_with("t.toml:2:10: invalid syslog address"), "{e}");
+        let e = with_log("syslog = \"udp://10.0.0.1\"").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+        let e = with_log("syslog_format = \"rfc9999\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:2:17: unknown variant `rfc9999`"),
+            "{e}"
+        );
+        let e = with_log("colour = true").unwrap_err();
+        assert!(e.starts_with("t.toml:2:1: unknown field `colour`"), "{e}");
     }
 
     #[test]

@@ -500,6 +500,8 @@ impl Master {
         );
         self.spawn_missing();
         loop {
+            // Records a TCP syslog connection still holds (nonblocking).
+            log::logger().flush();
             let woke = self.wait()?;
             self.tick_watchdog();
             let events = self.signals.drain();
@@ -915,13 +917,15 @@ impl Master {
     /// SIGUSR1: reopen the log target here and in every worker.
     fn reopen_logs(&mut self) {
         crate::log::reopen();
-        log::info!(
-            "SIGUSR1: log files reopened; telling {} workers",
-            self.children.len()
-        );
+        // Signalled before the line is written: whoever reads it knows
+        // every worker has the request pending.
         for pid in self.children.keys() {
             let _ = kill(*pid, Signal::SIGUSR1);
         }
+        log::info!(
+            "SIGUSR1: log files reopened; told {} workers",
+            self.children.len()
+        );
     }
 
     /// Sets pool `p`'s size: new slots are filled by spawn_missing; the
@@ -1515,10 +1519,21 @@ impl Master {
             self.config.daemon.pid_file.clone(),
             self.config.control.clone(),
         );
+        let log = self.config.log.clone();
         self.config = reload.config;
         // In force until a restart or upgrade (see start_reload).
         self.config.daemon.pid_file = pid_file;
         self.config.control = control;
+        // The level applies at once; the target stays until a restart or
+        // binary upgrade (the workers of both generations share it).
+        if !self.config.log.same_target(&log) {
+            log::warn!(
+                "reload: [log] target changes take effect at the next restart or binary upgrade; still logging as before"
+            );
+            let level = self.config.log.level;
+            self.config.log = log;
+            self.config.log.level = level;
+        }
         crate::log::init(self.config.log.level.filter());
         let took = reload.started.elapsed();
         let summary: Vec<String> = self

@@ -64,6 +64,9 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         .map(|(_, fd)| fd.as_raw_fd())
         .collect();
     keep.push(spec.ready.as_raw_fd());
+    // The log target's file or socket, inherited from the master.
+    crate::log::after_fork();
+    keep.extend(crate::log::fds());
     if let Err(e) = sys::close_fds_except(&keep) {
         log::error!("worker {name}: close_range() failed: {e}");
         return code::SETUP_ERROR;

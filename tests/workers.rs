@@ -475,7 +475,7 @@ fn sigusr1_reopens_logs_and_workers_survive_master_signals() {
     let mut before = d.wait_workers(2);
     before.sort();
 
-    let line = "SIGUSR1: log files reopened; telling 2 workers";
+    let line = "SIGUSR1: log files reopened; told 2 workers";
     for round in 0..2 {
         kill(d.pid(), libc::SIGUSR1);
         wait_for(DEADLINE, || (d.count_log(line) > round).then_some(()))
