@@ -31,6 +31,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST: usize = 4096;
 /// Most answer bytes queued for a client that does not read.
 pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
+/// Most clients connected at once; more wait in the listen queue.
+pub const MAX_CLIENTS: usize = 64;
+/// How long accepting pauses after EMFILE or ENFILE.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +122,8 @@ pub struct Server {
     next_id: ClientId,
     /// Complete requests not yet taken by the master.
     queued: Vec<(ClientId, Request)>,
+    /// Accepting paused (out of descriptors) until then.
+    accept_paused_until: Option<Instant>,
 }
 
 /// What the master polls for the control socket, and what it found.
@@ -133,6 +139,7 @@ impl Server {
             clients: HashMap::new(),
             next_id: 0,
             queued: Vec::new(),
+            accept_paused_until: None,
         }
     }
 
@@ -166,7 +173,15 @@ impl Server {
     pub fn poll_fds(&self) -> (Vec<(BorrowedFd<'_>, PollFlags)>, PollSet) {
         let mut fds = Vec::new();
         let mut tokens = Vec::new();
-        if let Some(l) = &self.listener {
+        // Not while the socket is still shared with the previous master
+        // (it is in charge until the handover), nor at the client limit,
+        // nor while out of descriptors: connections wait in the queue.
+        let paused = self.accept_paused_until.is_some_and(|t| Instant::now() < t);
+        if let Some(l) = &self.listener
+            && !l.shared
+            && !paused
+            && self.clients.len() < MAX_CLIENTS
+        {
             fds.push((l.as_fd(), PollFlags::POLLIN));
             tokens.push(None);
         }
@@ -209,13 +224,19 @@ impl Server {
 
     fn accept_all(&mut self) {
         let Some(l) = &self.listener else { return };
-        loop {
+        while self.clients.len() < MAX_CLIENTS {
             let stream = match l.accept_unix() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("control socket: accept() failed: {e}");
+                    // EMFILE/ENFILE leave the listener readable: without a
+                    // pause, poll would return at once for ever.
+                    log::warn!(
+                        "control socket: accept() failed: {e}; not accepting for {} ms",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
             };
@@ -264,7 +285,12 @@ impl Server {
                     }
                     Ok(n) => {
                         c.input.extend_from_slice(&buf[..n]);
-                        if c.input.len() > MAX_REQUEST && !c.input.contains(&b'\n') {
+                        // One line at most MAX_REQUEST, and no more than
+                        // two of those buffered: a client cannot make the
+                        // master read (or hold) without bound.
+                        let line_too_long = c.input.len() > MAX_REQUEST
+                            && !c.input[..MAX_REQUEST + 1].contains(&b'\n');
+                        if line_too_long || c.input.len() > 2 * MAX_REQUEST {
                             let _ = c.stream.write_all(
                                 (error(&format!("request longer than {MAX_REQUEST} bytes"))
                                     .to_string()
@@ -362,17 +388,21 @@ impl Server {
         }
     }
 
-    /// When the next idle client times out.
+    /// When the next idle client times out, or accepting resumes.
     pub fn deadline(&self) -> Option<Instant> {
         self.clients
             .values()
             .filter(|c| !c.waiting)
             .map(|c| c.idle_since + IDLE_TIMEOUT)
+            .chain(self.accept_paused_until)
             .min()
     }
 
     /// Drops clients idle past [`IDLE_TIMEOUT`].
     pub fn expire(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+        }
         self.clients
             .retain(|_, c| c.waiting || now < c.idle_since + IDLE_TIMEOUT);
     }

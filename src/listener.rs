@@ -248,17 +248,6 @@ impl Listener {
         })
     }
 
-    /// Sets or clears close-on-exec (cleared only for the moment a binary
-    /// upgrade execs the next master).
-    pub fn set_cloexec(&self, on: bool) -> io::Result<()> {
-        crate::sys::set_cloexec(self.socket.as_fd(), on)
-    }
-
-    /// The descriptor number, for the environment of the next master.
-    pub fn raw_fd(&self) -> i32 {
-        self.socket.as_raw_fd()
-    }
-
     /// Applies a new backlog and socket file mode to a listener that a
     /// reload keeps: listen(2) again and chmod the file.
     pub fn update(&self, backlog: i32, mode: SocketMode) -> io::Result<()> {

@@ -3,11 +3,15 @@
 //! code and never blocks anywhere but in one poll(2).
 //!
 //! The loop (gunicorn's arbiter and nginx's master cycle, in their fixed
-//! order): wait for a signal, a worker's ready message or the next timer →
-//! drain the signals → reap every exited child → read ready messages → act
-//! on signals by priority (fast stop, graceful stop, scaling) → enforce
-//! deadlines → exit when stopping and no child is left → spawn what the pools
-//! lack.
+//! order): wait in one poll(2) for a signal, a worker's ready message,
+//! control socket traffic, the next master's message (upgrade), the
+//! previous master's exit, or the next timer → drain the signals → reap
+//! every exited child → read ready messages → answer control requests → act
+//! on signals by priority (fast stop, graceful stop, reload, upgrade,
+//! scaling) → commit a reload whose generation is ready → enforce deadlines
+//! → exit when stopping and no child is left → start a pending reload or
+//! upgrade → spawn what the pools lack. Apart from poll, the only wait is
+//! `std::process::Command::spawn` for the exec of a binary upgrade.
 //!
 //! The service manager hears of every transition (src/systemd.rs): `READY=1`
 //! when the first generation is ready, `RELOADING=1` … `READY=1` around a
@@ -287,6 +291,11 @@ pub struct Master {
     /// In a new master: EOF once the old master (and so its workers) has
     /// exited. Until then its generation counts as draining.
     predecessor: Option<OwnedFd>,
+    /// The next master of a failed upgrade, told to stop: draining until it
+    /// is reaped, SIGKILLed at the deadline.
+    failed_successor: Option<(Pid, Instant)>,
+    /// Set while failing an upgrade whose new master has already exited.
+    successor_gone: bool,
     /// In a new master: inherited Unix sockets the config no longer names,
     /// whose files are removed once the handover is done.
     orphans: Vec<Listener>,
@@ -350,6 +359,14 @@ impl Master {
             mut inherited,
             mut notifier,
         } = startup;
+        // A new master of an upgrade that cannot start tells the old one why.
+        let mut notify = inherited.as_mut().and_then(|i| i.notify.take());
+        fn report(notify: &mut Option<OwnedFd>, e: MasterError) -> MasterError {
+            if let Some(fd) = notify.take() {
+                upgrade::report_error(fd, &e.to_string());
+            }
+            e
+        }
         let mut listeners: Vec<Listener> = Vec::new();
         let cleanup = |listeners: &mut Vec<Listener>| {
             for l in listeners.iter_mut().filter(|l| !l.shared) {
@@ -374,7 +391,7 @@ impl Master {
                     }
                     Err(e) => {
                         cleanup(&mut listeners);
-                        return Err(e.into());
+                        return Err(report(&mut notify, e.into()));
                     }
                 }
             }
@@ -395,7 +412,7 @@ impl Master {
                     }
                     Err(e) => {
                         cleanup(&mut listeners);
-                        return Err(e.into());
+                        return Err(report(&mut notify, e.into()));
                     }
                 }
             }
@@ -424,7 +441,7 @@ impl Master {
                 }
             }
             generation = inh.generation + 1;
-            if let Some(notify) = inh.notify {
+            if let Some(notify) = notify.take() {
                 handover = Some((notify, inh.from));
                 // The old master speaks for the service until we take over.
                 notifier.hold();
@@ -446,7 +463,7 @@ impl Master {
             Ok(s) => s,
             Err(e) => {
                 cleanup(&mut listeners);
-                return Err(e);
+                return Err(report(&mut notify, e));
             }
         };
         let pools = config
@@ -473,6 +490,8 @@ impl Master {
             control,
             handover,
             predecessor,
+            failed_successor: None,
+            successor_gone: false,
             orphans,
             lifeline: None,
             children: HashMap::new(),
@@ -636,7 +655,12 @@ impl Master {
             .children
             .values()
             .filter_map(|c| c.kill_at.or_else(|| (!c.ready).then_some(c.ready_deadline)));
-        let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
+        let upgrade = self
+            .upgrade
+            .as_ref()
+            .map(|u| u.deadline)
+            .into_iter()
+            .chain(self.failed_successor.map(|(_, at)| at));
         let control = self.control.as_ref().and_then(|c| c.deadline());
         respawns
             .chain(children)
@@ -681,6 +705,11 @@ impl Master {
     fn on_exit(&mut self, pid: Pid, exit: ChildExit) {
         if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
             self.upgrade_exited(exit);
+            return;
+        }
+        if self.failed_successor.is_some_and(|(p, _)| p == pid) {
+            log::info!("the new master of the failed upgrade (pid {pid}) {exit}");
+            self.failed_successor = None;
             return;
         }
         let Some(mut child) = self.children.remove(&pid) else {
@@ -1016,7 +1045,9 @@ impl Master {
             self.abort_reload("the master is stopping");
         }
         if let Some(up) = self.upgrade.take() {
-            let _ = kill(up.pid, Signal::SIGKILL);
+            // Its own stop is graceful, and never touches the listeners it
+            // shares with us until its handover.
+            let _ = kill(up.pid, Signal::SIGTERM);
             self.reply_all(up.waiters, &control::error("the master is stopping"));
         }
         for waiters in [self.pending_reload.take(), self.pending_upgrade.take()]
@@ -1084,6 +1115,15 @@ impl Master {
             {
                 self.abort_reload(&reason);
             }
+        }
+        if let Some((pid, at)) = self.failed_successor
+            && now >= at
+        {
+            log::warn!(
+                "the new master of the failed upgrade (pid {pid}) is still running; sending SIGKILL"
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+            self.failed_successor = Some((pid, now + FAST_STOP_GRACE));
         }
         if let Some(up) = &self.upgrade
             && now >= up.deadline
@@ -1390,6 +1430,7 @@ impl Master {
     /// still alive (draining, or killed and not yet reaped).
     fn draining(&self) -> bool {
         self.predecessor.is_some()
+            || self.failed_successor.is_some()
             || self
                 .children
                 .values()
@@ -1570,6 +1611,14 @@ impl Master {
         let Some(reload) = self.reload.take() else {
             return;
         };
+        // A worker's "ready" may be in its pipe, unread, in this very
+        // wake-up: read it first, or a worker that already accepts would be
+        // killed (and its connections reset).
+        for c in self.children.values_mut() {
+            if c.generation == reload.generation && c.ready_pipe.is_some() {
+                read_message(c);
+            }
+        }
         let pids: Vec<(Pid, bool)> = self
             .children
             .iter()
@@ -1670,6 +1719,8 @@ impl Master {
     /// inherited; it reports on a pipe.
     fn start_upgrade(&mut self, waiters: Vec<ClientId>) {
         let exec = self.exec.clone().expect("request_upgrade checked");
+        self.last_generation += 1;
+        let reserved = self.last_generation;
         let mut shared: Vec<(BorrowedFd<'_>, String)> = self
             .listeners
             .iter()
@@ -1698,8 +1749,9 @@ impl Master {
                 .env(upgrade::ENV_NOTIFY, write.as_raw_fd().to_string())
                 .env(upgrade::ENV_LIFELINE, life_read.as_raw_fd().to_string())
                 .env(upgrade::ENV_FROM, self.pid.to_string())
-                // Failed reloads used numbers too: continue after them all.
-                .env(upgrade::ENV_GENERATION, self.last_generation.to_string());
+                // The new master's first generation is `reserved` (failed
+                // reloads and upgrades use numbers too).
+                .env(upgrade::ENV_GENERATION, (reserved - 1).to_string());
             // Removed from our environment before the first fork (no
             // worker sees them), but the next master needs them.
             for (name, value) in self.notifier.successor_env() {
@@ -1780,25 +1832,60 @@ impl Master {
     }
 
     /// The next master died before it was ready.
+    /// The next master exited before we retired: the upgrade failed,
+    /// even if it managed to say `ready` first (a dead successor must not
+    /// take over).
     fn upgrade_exited(&mut self, exit: ChildExit) {
         let Some(up) = &mut self.upgrade else { return };
-        // It may have written its reason before it exited.
-        if up.pipe.is_some() {
-            self.read_upgrade();
+        let mut said = String::new();
+        if let Some(pipe) = up.pipe.take() {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = std::fs::File::from(pipe).read(&mut buf) {
+                said = String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
         }
-        if let Some(up) = &self.upgrade {
-            let reason = format!("the new master (pid {}) {exit}", up.pid);
-            self.fail_upgrade(&reason);
+        if said.starts_with("ready") && exit.is_clean() {
+            // It took over (it owned the listeners and files from then on)
+            // and was then stopped on purpose, before we read its message:
+            // the daemon is stopping, and we retire too.
+            log::info!(
+                "upgrade: the new master (pid {}) took over and has already stopped ({exit}); retiring",
+                up.pid
+            );
+            self.upgrade_done();
+            return;
         }
+        let reason = match said.lines().next().and_then(|l| l.strip_prefix("error: ")) {
+            Some(r) => format!("the new master failed: {r}"),
+            None => format!("the new master (pid {}) {exit}", up.pid),
+        };
+        self.successor_gone = true;
+        self.fail_upgrade(&reason);
     }
 
     fn fail_upgrade(&mut self, reason: &str) {
         let Some(up) = self.upgrade.take() else {
             return;
         };
-        // Its workers follow it (they exit when their master dies). Every
-        // listener is still ours and was never shut.
-        let _ = kill(up.pid, Signal::SIGKILL);
+        // Every listener is still ours and was never shut (a new master
+        // never shuts or unlinks a shared socket). Its workers may already
+        // serve: SIGTERM lets it stop them gracefully, and until it has been
+        // reaped it counts as a draining generation.
+        if !std::mem::take(&mut self.successor_gone) {
+            let _ = kill(up.pid, Signal::SIGTERM);
+            let grace = self
+                .pools
+                .iter()
+                .map(|p| p.config.graceful_timeout)
+                .max()
+                .unwrap_or_default()
+                + FAST_STOP_GRACE;
+            self.failed_successor = Some((up.pid, Instant::now() + grace));
+        }
+        // It may have written the pid file before it failed.
+        if let Err(e) = write_pid_file(self.pid_file.as_deref(), self.pid) {
+            log::warn!("cannot restore the pid file: {e}");
+        }
         log::error!(
             "upgrade failed after {}: {reason}; master pid {} keeps serving generation {}",
             humantime::format_duration(round_ms(up.started.elapsed())),

@@ -24,11 +24,11 @@ pub enum Event {
     Interrupt,
     /// SIGQUIT: fast stop.
     Quit,
-    /// SIGHUP: reload (a later release).
+    /// SIGHUP: reload.
     Hangup,
-    /// SIGUSR1: reopen logs (a later release).
+    /// SIGUSR1: reopen logs.
     User1,
-    /// SIGUSR2: binary upgrade (a later release).
+    /// SIGUSR2: binary upgrade.
     User2,
     /// SIGTTIN: one worker more in every service.
     TtyIn,

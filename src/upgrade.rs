@@ -17,8 +17,8 @@
 //!   old generation is gone, and the new master may start a reload (at most
 //!   two generations alive, across masters too);
 //! - `PREFORKD_UPGRADE_FROM`: the old master's pid;
-//! - `PREFORKD_GENERATION`: the old master's generation, which the new one
-//!   continues from.
+//! - `PREFORKD_GENERATION`: the last generation number the old master used
+//!   (it reserves the next one for the new master's first generation).
 //!
 //! The new master reads them once at start and removes them from its
 //! environment, so that neither workers nor programs they run see them.
@@ -40,7 +40,7 @@ pub const ENV_NOTIFY: &str = "PREFORKD_UPGRADE_FD";
 pub const ENV_FROM: &str = "PREFORKD_UPGRADE_FROM";
 /// The pipe that reaches EOF when the old master has exited.
 pub const ENV_LIFELINE: &str = "PREFORKD_UPGRADE_LIFELINE";
-/// The old master's generation.
+/// The last generation number the old master used.
 pub const ENV_GENERATION: &str = "PREFORKD_GENERATION";
 
 /// The key of the control socket in [`ENV_FDS`].

@@ -343,9 +343,13 @@ impl<'a> Connection<'a> {
     /// Reads what the client sent, waiting for input, for the client to close,
     /// or for the worker to be asked to stop.
     ///
-    /// While stopping, [`Recv::Shutdown`] comes at the first request
-    /// boundary: when everything read so far has been answered (the handler
-    /// asks again) and no more input has arrived. A connection that has not
+    /// While stopping, [`Recv::Shutdown`] comes when the handler asks for
+    /// more input and none has arrived: for a handler that answers every
+    /// read before it reads again (echo and its kind) that is a request
+    /// boundary. A handler that reads one request in several pieces must
+    /// not take `Shutdown` in the middle of a request for a boundary: read
+    /// those pieces with [`std::io::Read`] (which waits for input whatever
+    /// the stop) and ask [`Connection::shutting_down`] between requests. A connection that has not
     /// sent anything yet gets one [`TICK`] to send its first request, so a
     /// client accepted just before the stop is served once. The worker then
     /// sends FIN and drains whatever the client sends after it: a client
