@@ -65,7 +65,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn preforkd");
+        let child = spawn_retrying(&mut cmd);
         Daemon {
             child,
             dir,
@@ -267,34 +267,7 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// SIGKILLed after [`CLI_TIMEOUT`] (its status then says so), so a command
 /// that hangs never hangs the test.
 pub fn cli(d: &Daemon, args: &[&str]) -> std::process::Output {
-    let child = Command::new(bin())
-        .arg("-c")
-        .arg(d.path("preforkd.toml"))
-        .args(args)
-        .current_dir(d.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn preforkd");
-    let pid = child.id() as i32;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // wait_with_output reads both pipes while waiting, so a chatty command
-    // never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(CLI_TIMEOUT) {
-        Ok(out) => out,
-        Err(_) => {
-            eprintln!("preforkd {args:?} still running after {CLI_TIMEOUT:?}: killing it");
-            // SAFETY: kill(2) has no memory effects. The child is not
-            // reaped yet (its waiter is blocked on it), so the pid is its.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            rx.recv().expect("the waiter thread reports")
-        }
-    };
-    out.expect("wait for preforkd")
+    run_cli(&d.path("preforkd.toml"), args)
 }
 
 /// A command's exit status and output, for assertion messages.
@@ -386,5 +359,81 @@ impl Daemon {
         )
         .unwrap();
         fs::rename(&tmp, &path).unwrap();
+    }
+}
+
+/// Runs `preforkd -c CONFIG ARGS` for tests that keep several configs
+/// ([`cli`] uses the daemon's own), as `uid` (and the same gid) if given.
+/// Runs `preforkd -c CONFIG ARGS`, as `uid` (and the same gid) if given,
+/// and returns its output and pid. The command is killed (and the test
+/// fails) if it is still running after [`CLI_TIMEOUT`]. Output goes to
+/// anonymous files, so a chatty command never blocks on a full pipe.
+pub fn run_cli_as(config: &Path, args: &[&str], uid: Option<u32>) -> (std::process::Output, u32) {
+    let out = tempfile::tempfile().expect("tempfile");
+    let err = tempfile::tempfile().expect("tempfile");
+    let mut cmd = Command::new(bin());
+    cmd.arg("-c")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap());
+    if let Some(id) = uid {
+        cmd.uid(id).gid(id);
+    }
+    let mut child = spawn_retrying(&mut cmd);
+    let pid = child.id();
+    let end = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for preforkd") {
+            break s;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`preforkd {}` still running after {CLI_TIMEOUT:?}: killed it; stdout: {:?}, stderr: {:?}",
+                args.join(" "),
+                read_all(out),
+                read_all(err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let output = std::process::Output {
+        status,
+        stdout: read_all(out).into_bytes(),
+        stderr: read_all(err).into_bytes(),
+    };
+    (output, pid)
+}
+
+pub fn run_cli(config: &Path, args: &[&str]) -> std::process::Output {
+    run_cli_as(config, args, None).0
+}
+
+fn read_all(mut f: fs::File) -> String {
+    use std::io::Seek;
+    let mut s = String::new();
+    let _ = f.rewind();
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+/// Spawns `cmd`, retrying on ETXTBSY: a test that writes an executable
+/// (a copied binary, a wrapper script) races the forks of other test
+/// threads, whose children hold the file's write descriptor until they
+/// exec. Any other error fails the test.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn {cmd:?}: {e}"),
+        }
     }
 }
