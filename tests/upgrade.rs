@@ -374,7 +374,7 @@ fn start_copied(config: &str) -> (Daemon, PathBuf) {
     let dir = tempdir();
     let exe = dir.path().join("bin/preforkd");
     fs::create_dir(dir.path().join("bin")).unwrap();
-    fs::copy(bin(), &exe).unwrap();
+    copy_executable(&bin(), &exe);
     let cfg = dir.path().join("preforkd.toml");
     fs::write(&cfg, config.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
     let mut cmd = Command::new(&exe);
@@ -382,19 +382,42 @@ fn start_copied(config: &str) -> (Daemon, PathBuf) {
     (Daemon::spawn(cmd, dir, &[]), exe)
 }
 
+/// Copies `from` to a new executable `to` in a child process (`cp`), so
+/// that this test process never holds a descriptor open for writing `to`:
+/// its other threads fork all the time, and a child still holding such a
+/// descriptor (until it execs) makes exec(2) of `to` fail with ETXTBSY.
+/// `spawn_retrying` covers our own spawns; the master's exec of the file
+/// in an upgrade has no retry.
+fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// Replaces `path` as a package manager does: a new file renamed over it
 /// (the running binary keeps its old inode).
 fn replace_file(path: &Path, contents: &[u8]) {
+    // Written here (never executed), then copied to the file that is.
+    let src = path.with_extension("src");
+    fs::write(&src, contents).unwrap();
     let tmp = path.with_extension("new");
-    fs::write(&tmp, contents).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    copy_executable(&src, &tmp);
     fs::rename(&tmp, path).unwrap();
 }
 
 /// Replaces `path` with a fresh copy of the real binary (a new inode).
 fn replace_with_real_binary(path: &Path) {
     let tmp = path.with_extension("new");
-    fs::copy(bin(), &tmp).unwrap();
+    copy_executable(&bin(), &tmp);
     fs::rename(&tmp, path).unwrap();
 }
 
