@@ -465,7 +465,8 @@ impl Master {
         let setup = || -> Result<(Signals, Scoreboard), MasterError> {
             // A new master of an upgrade writes the pid file once it is
             // ready: until then the old master is the one to signal.
-            if handover.is_none() {
+            // A daemon's pid file is written (and locked) by daemonize.
+            if handover.is_none() && !crate::daemon::is_daemon() {
                 write_pid_file(pid_file.as_deref(), pid)?;
             }
             let board = Scoreboard::new().map_err(sys_err("mmap"))?;
@@ -844,6 +845,8 @@ impl Master {
                 .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
                 .collect();
             log::info!("ready: {}", summary.join(", "));
+            // `--daemon`: the launcher may exit 0 now.
+            crate::daemon::ready();
             let upgraded = self.handover.is_some();
             self.complete_handover();
             if self.phase != Phase::Running {
