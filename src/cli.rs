@@ -28,6 +28,12 @@ pub struct Cli {
     #[arg(short, long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 
+    /// Run as a daemon: detach, with the pid file (`[daemon] pid_file`,
+    /// required) locked. The command exits 0 once the sockets are bound and
+    /// the first generation is ready, or with the failure's code and reason.
+    #[arg(long, global = true)]
+    pub daemon: bool,
+
     /// What to do (default: run).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -104,6 +110,10 @@ fn load(cli: &Cli, registry: &Registry) -> Result<Config, ConfigError> {
 /// Executes a parsed command line; returns the exit code.
 pub fn run(cli: Cli, registry: &Registry) -> i32 {
     crate::log::init(log::LevelFilter::Info);
+    if cli.daemon && !matches!(cli.command.as_ref().unwrap_or(&Command::Run), Command::Run) {
+        eprintln!("preforkd: --daemon applies to run only");
+        return code::USAGE;
+    }
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => match load(&cli, registry) {
             Ok(config) => {
@@ -130,7 +140,16 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
             }
             Err(e) => config_error(&e),
         },
-        Command::Run => serve(&cli, registry),
+        Command::Run => {
+            let status = serve(&cli, registry);
+            if crate::daemon::is_daemon() {
+                // Before it was ready: the launcher is still waiting.
+                let reason = crate::log::last_error()
+                    .unwrap_or_else(|| format!("the master exited with code {status}"));
+                crate::daemon::failed(status, &reason);
+            }
+            status
+        }
         Command::Status { json } => {
             let json = *json;
             with_control(
@@ -197,6 +216,32 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
             return config_error(&e);
         }
     };
+    // What the next master runs: this binary, by the path it was started
+    // from, with the config made absolute (before --daemon changes to /).
+    let config_path = match cli.config.as_deref().map(std::path::absolute).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("cannot resolve the config path: {e}");
+            return code::SOFTWARE;
+        }
+    };
+    if cli.daemon {
+        let Some(pid_file) = config.daemon.pid_file.as_deref() else {
+            log::error!("--daemon needs [daemon] pid_file (to lock it, and to find the daemon)");
+            return code::CONFIG;
+        };
+        let pid_file = match std::path::absolute(pid_file) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("cannot resolve the pid file's path: {e}");
+                return code::SOFTWARE;
+            }
+        };
+        match crate::daemon::daemonize(&pid_file) {
+            crate::daemon::Side::Launcher(status) => return status,
+            crate::daemon::Side::Daemon => {}
+        }
+    }
     if let Err(e) = crate::log::configure(&config.log) {
         if let Some(i) = &mut inherited {
             i.report_error(&e.to_string());
@@ -214,15 +259,6 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
     if let Err(e) = sys::init_title() {
         log::debug!("process titles unavailable: {e}");
     }
-    // What the next master runs: this binary, by the path it was started
-    // from, with the config made absolute.
-    let config_path = match cli.config.as_deref().map(std::path::absolute).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("cannot resolve the config path: {e}");
-            return code::SOFTWARE;
-        }
-    };
     let mut args = Vec::new();
     if let Some(p) = &config_path {
         args.push("--config".into());

@@ -104,6 +104,30 @@ pub struct DaemonConfig {
     /// carries on.
     #[serde(default = "sixty_seconds", with = "nonzero_duration")]
     pub upgrade_timeout: Duration,
+    /// The user the workers run as (a name). None: they keep the master's
+    /// credentials. The master itself keeps its privileges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Spanned<String>>,
+    /// The workers' group (a name); defaults to `user`'s primary group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Spanned<String>>,
+    /// `user` and `group` resolved by validation.
+    #[serde(skip)]
+    pub credentials: Option<Credentials>,
+}
+
+/// What workers drop to: `[daemon] user` and `group`, resolved to ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user's name, for messages.
+    pub user: String,
+    /// Its uid.
+    pub uid: nix::unistd::Uid,
+    /// `group`'s gid, or the user's primary group's.
+    pub gid: nix::unistd::Gid,
+    /// The supplementary groups: the user's groups (from the group
+    /// database) plus `gid`.
+    pub groups: Vec<nix::unistd::Gid>,
 }
 
 impl Default for DaemonConfig {
@@ -111,7 +135,67 @@ impl Default for DaemonConfig {
         DaemonConfig {
             pid_file: None,
             upgrade_timeout: sixty_seconds(),
+            user: None,
+            group: None,
+            credentials: None,
         }
+    }
+}
+
+impl DaemonConfig {
+    /// Looks `user` and `group` up in the user and group databases (reads
+    /// only: nothing changes here).
+    fn resolve(&self) -> Result<Option<Credentials>, (std::ops::Range<usize>, String)> {
+        use nix::unistd::{Group, User};
+        let Some(user) = &self.user else {
+            if let Some(group) = &self.group {
+                return Err((
+                    group.span(),
+                    "group needs a user: set [daemon] user as well".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let name = user.get_ref();
+        let found = User::from_name(name)
+            .map_err(|e| (user.span(), format!("cannot look up user {name:?}: {e}")))?
+            .ok_or_else(|| {
+                (
+                    user.span(),
+                    format!("unknown user {name:?}: expected a user of this system"),
+                )
+            })?;
+        let gid = match &self.group {
+            None => found.gid,
+            Some(group) => {
+                let gname = group.get_ref();
+                Group::from_name(gname)
+                    .map_err(|e| (group.span(), format!("cannot look up group {gname:?}: {e}")))?
+                    .ok_or_else(|| {
+                        (
+                            group.span(),
+                            format!("unknown group {gname:?}: expected a group of this system"),
+                        )
+                    })?
+                    .gid
+            }
+        };
+        let cname = std::ffi::CString::new(name.as_str())
+            .map_err(|_| (user.span(), format!("invalid user name {name:?}")))?;
+        let mut groups = nix::unistd::getgrouplist(&cname, gid).map_err(|e| {
+            (
+                user.span(),
+                format!("cannot list the groups of user {name:?}: {e}"),
+            )
+        })?;
+        groups.sort_unstable_by_key(|g| g.as_raw());
+        groups.dedup();
+        Ok(Some(Credentials {
+            user: name.clone(),
+            uid: found.uid,
+            gid,
+            groups,
+        }))
     }
 }
 
@@ -842,6 +926,7 @@ impl Config {
                 .map(|a| a.get_ref().parse::<ListenAddr>().map_err(|e| (a.span(), e)))
                 .collect::<Result<_, _>>()?;
         }
+        self.daemon.credentials = self.daemon.resolve()?;
         if self.services.is_empty() {
             return Err((0..0, "no [[service]] defined: expected at least one".into()));
         }
@@ -1220,5 +1305,28 @@ plugin = "echo"
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(line_col("é=1", 2), (1, 2));
+    }
+
+    #[test]
+    fn daemon_user_and_group_are_resolved_or_located() {
+        let c = parse(&format!("[daemon]\nuser = \"root\"\n{GOOD}")).unwrap();
+        let creds = c.daemon.credentials.unwrap();
+        assert_eq!((creds.uid.as_raw(), creds.gid.as_raw()), (0, 0));
+        assert!(creds.groups.contains(&creds.gid));
+        assert!(parse(GOOD).unwrap().daemon.credentials.is_none());
+        assert_eq!(
+            err(&format!("[daemon]\nuser = \"no-such-user-x\"\n{GOOD}")),
+            "t.toml:2:8: unknown user \"no-such-user-x\": expected a user of this system"
+        );
+        assert_eq!(
+            err(&format!(
+                "[daemon]\nuser = \"root\"\ngroup = \"no-such-group-x\"\n{GOOD}"
+            )),
+            "t.toml:3:9: unknown group \"no-such-group-x\": expected a group of this system"
+        );
+        assert_eq!(
+            err(&format!("[daemon]\ngroup = \"root\"\n{GOOD}")),
+            "t.toml:2:9: group needs a user: set [daemon] user as well"
+        );
     }
 }

@@ -20,7 +20,8 @@ pub mod code {
     pub const UNAVAILABLE: i32 = 69;
     /// EX_SOFTWARE: an internal error (a syscall that should not fail did).
     pub const SOFTWARE: i32 = 70;
-    /// EX_CANTCREAT: the pid file could not be written.
+    /// EX_CANTCREAT: the pid file could not be written (or, `--daemon`, is
+    /// locked by a running instance).
     pub const CANTCREAT: i32 = 73;
     /// EX_CONFIG: the configuration is invalid, or the first generation of
     /// workers could not initialise its handler (bad plugin options, say).

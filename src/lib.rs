@@ -59,6 +59,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod exit;
 pub mod handler;
 pub mod listener;

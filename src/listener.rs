@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::{ListenAddr, SocketMode};
+use crate::config::{Credentials, ListenAddr, SocketMode};
 
 /// A listener that could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -250,12 +250,36 @@ impl Listener {
 
     /// Applies a new backlog and socket file mode to a listener that a
     /// reload keeps: listen(2) again and chmod the file.
-    pub fn update(&self, backlog: i32, mode: SocketMode) -> io::Result<()> {
+    pub fn update(
+        &self,
+        backlog: i32,
+        mode: SocketMode,
+        owner: Option<&Credentials>,
+    ) -> io::Result<()> {
         if self.addr.is_stream() {
             socket2::SockRef::from(&self.socket).listen(backlog)?;
         }
         if let ListenAddr::Unix(path) | ListenAddr::UnixGram(path) = &self.addr {
             std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode.0))?;
+        }
+        if let (Some((path, _, _)), Some(c)) = (&self.created, owner) {
+            std::os::unix::fs::chown(path, Some(c.uid.as_raw()), Some(c.gid.as_raw()))?;
+        }
+        Ok(())
+    }
+
+    /// Gives the Unix socket file this listener created to the workers'
+    /// user and group (`[daemon] user`/`group`), so that they can use it
+    /// by path too. Nothing to do for other sockets or without `owner`.
+    pub fn chown(&self, owner: Option<&Credentials>) -> Result<(), ListenError> {
+        if let (Some((path, _, _)), Some(c)) = (&self.created, owner) {
+            std::os::unix::fs::chown(path, Some(c.uid.as_raw()), Some(c.gid.as_raw())).map_err(
+                |source| ListenError::Sys {
+                    addr: self.addr.clone(),
+                    syscall: "chown",
+                    source,
+                },
+            )?;
         }
         Ok(())
     }

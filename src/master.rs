@@ -36,7 +36,7 @@ use nix::unistd::Pid;
 
 use serde_json::{Value, json};
 
-use crate::config::{Config, ListenAddr, ServiceConfig, SocketMode};
+use crate::config::{Config, Credentials, ListenAddr, ServiceConfig, SocketMode};
 use crate::control::{self, ClientId, Request};
 use crate::exit::{ChildExit, code};
 use crate::handler::{PluginInfo, Registry};
@@ -153,10 +153,12 @@ struct Pool {
     listeners: Vec<String>,
     /// The pool's size is `slots.len()`.
     slots: Vec<Slot>,
+    /// What its workers drop to (`[daemon] user`/`group` of its generation).
+    credentials: Option<Credentials>,
 }
 
 impl Pool {
-    fn new(config: &ServiceConfig, registry: &Registry) -> Pool {
+    fn new(config: &ServiceConfig, registry: &Registry, credentials: &Option<Credentials>) -> Pool {
         let plugin = registry
             .get(config.handler.plugin.get_ref())
             .expect("config validation checked the plugin name")
@@ -168,6 +170,7 @@ impl Pool {
             slots: (0..config.workers.resolve())
                 .map(|_| Slot::default())
                 .collect(),
+            credentials: credentials.clone(),
         }
     }
 
@@ -330,6 +333,7 @@ fn open_listener(
     mode: SocketMode,
     inherited: Option<&mut Inherited>,
     key: &str,
+    owner: Option<&Credentials>,
 ) -> Result<Listener, ListenError> {
     let mut l = match inherited.and_then(|i| i.fds.remove(key)) {
         Some(fd) => {
@@ -337,7 +341,14 @@ fn open_listener(
             log::info!("adopted {} from the previous master", l.bound);
             l
         }
-        None => Listener::bind(addr, backlog, mode)?,
+        None => {
+            let mut l = Listener::bind(addr, backlog, mode)?;
+            if let Err(e) = l.chown(owner) {
+                l.remove_file();
+                return Err(e);
+            }
+            l
+        }
     };
     l.key = key.to_string();
     Ok(l)
@@ -384,6 +395,7 @@ impl Master {
                     svc.socket_mode,
                     inherited.as_mut(),
                     &key,
+                    config.daemon.credentials.as_ref(),
                 ) {
                     Ok(l) => {
                         log::info!("listening on {} (service {})", l.bound, svc.name.get_ref());
@@ -405,6 +417,7 @@ impl Master {
                     SocketMode(0o600),
                     inherited.as_mut(),
                     &upgrade::control_key(path),
+                    None,
                 ) {
                     Ok(l) => {
                         log::info!("control socket {}", path.display());
@@ -452,7 +465,8 @@ impl Master {
         let setup = || -> Result<(Signals, Scoreboard), MasterError> {
             // A new master of an upgrade writes the pid file once it is
             // ready: until then the old master is the one to signal.
-            if handover.is_none() {
+            // A daemon's pid file is written (and locked) by daemonize.
+            if handover.is_none() && !crate::daemon::is_daemon() {
                 write_pid_file(pid_file.as_deref(), pid)?;
             }
             let board = Scoreboard::new().map_err(sys_err("mmap"))?;
@@ -469,7 +483,7 @@ impl Master {
         let pools = config
             .services
             .iter()
-            .map(|svc| Pool::new(svc, &registry))
+            .map(|svc| Pool::new(svc, &registry, &config.daemon.credentials))
             .collect();
         Ok(Master {
             phase: Phase::Starting,
@@ -831,6 +845,8 @@ impl Master {
                 .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
                 .collect();
             log::info!("ready: {}", summary.join(", "));
+            // `--daemon`: the launcher may exit 0 now.
+            crate::daemon::ready();
             let upgraded = self.handover.is_some();
             self.complete_handover();
             if self.phase != Phase::Running {
@@ -1218,6 +1234,7 @@ impl Master {
                     listeners,
                     ready: ready_write,
                     board: board.map(|b| self.board.slot(b)),
+                    credentials: pool.credentials.as_ref(),
                 };
                 // Never return into the master's loop: exit here, without
                 // running the master's destructors (its descriptors are not
@@ -1485,7 +1502,14 @@ impl Master {
                 if find(&self.listeners, &key).is_some() {
                     continue;
                 }
-                match open_listener(&addr, svc.backlog, svc.socket_mode, None, &key) {
+                match open_listener(
+                    &addr,
+                    svc.backlog,
+                    svc.socket_mode,
+                    None,
+                    &key,
+                    config.daemon.credentials.as_ref(),
+                ) {
                     Ok(l) => {
                         log::info!(
                             "reload (generation {generation}): listening on {} (service {})",
@@ -1513,7 +1537,7 @@ impl Master {
         let pools: Vec<Pool> = config
             .services
             .iter()
-            .map(|svc| Pool::new(svc, &self.registry))
+            .map(|svc| Pool::new(svc, &self.registry, &config.daemon.credentials))
             .collect();
         let total: usize = pools.iter().map(|p| p.slots.len()).sum();
         log::info!(
@@ -1546,9 +1570,16 @@ impl Master {
                     continue;
                 }
                 if let Some(l) = find(&self.listeners, &key)
-                    && let Err(e) = l.update(svc.backlog, svc.socket_mode)
+                    && let Err(e) = l.update(
+                        svc.backlog,
+                        svc.socket_mode,
+                        reload.config.daemon.credentials.as_ref(),
+                    )
                 {
-                    log::warn!("reload: cannot update backlog or mode of {}: {e}", l.bound);
+                    log::warn!(
+                        "reload: cannot update backlog, mode or owner of {}: {e}",
+                        l.bound
+                    );
                 }
             }
         }

@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::unistd::Pid;
 
-use crate::config::{ListenAddr, ServiceConfig};
+use crate::config::{Credentials, ListenAddr, ServiceConfig};
 use crate::exit::worker as code;
 use crate::handler::{
     Addr, Connection, Datagram, DatagramHandler, Handlers, PluginContext, PluginInfo, Stream,
@@ -49,6 +49,8 @@ pub(crate) struct WorkerSpec<'a> {
     pub ready: OwnedFd,
     /// Its scoreboard slot, if it got one.
     pub board: Option<Slot>,
+    /// `[daemon] user`/`group` of its generation: what it drops to.
+    pub credentials: Option<&'a Credentials>,
 }
 
 /// Runs the worker to its end; returns the process exit code.
@@ -70,6 +72,13 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     if let Err(e) = sys::close_fds_except(&keep) {
         log::error!("worker {name}: close_range() failed: {e}");
         return code::SETUP_ERROR;
+    }
+    // Before the parent-death signal is set: changing credentials clears it.
+    // Before the plugin: it must never run with the master's privileges.
+    if let Some(creds) = spec.credentials
+        && let Err(reason) = sys::drop_privileges(creds)
+    {
+        return boot_failed(spec.ready, &reason);
     }
     match sys::exit_with_parent(spec.master) {
         Ok(true) => {}

@@ -12,7 +12,7 @@ use std::process::Command;
 use common::*;
 
 /// The exposure score recorded in the README; the unit must not exceed it.
-const MAX_EXPOSURE: f64 = 2.0;
+const MAX_EXPOSURE: f64 = 2.6;
 
 fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")

@@ -1,0 +1,201 @@
+//! `[daemon] user` / `group`: workers drop to them after fork; the master
+//! keeps root (a reload still binds new listeners); an unknown user is a
+//! config error. Needs root: skipped with a message otherwise.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no memory effects and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: privilege tests need root (CI runs them as root)");
+            return;
+        }
+    };
+}
+
+/// The `Uid:`/`Gid:`/`Groups:` fields of /proc/PID/status.
+fn ids(pid: i32) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<u32> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    (field("Uid:"), field("Gid:"), field("Groups:"))
+}
+
+fn config(listen: &[&str]) -> String {
+    format!(
+        "[daemon]\nuser = \"nobody\"\ngroup = \"nogroup\"\n[control]\nsocket = \"{{dir}}/control.sock\"\n{}",
+        service("echo", listen, "echo", "workers = 2")
+    )
+}
+
+fn assert_dropped(workers: &[i32], d: &Daemon) {
+    for &w in workers {
+        let (uid, gid, groups) = ids(w);
+        assert_eq!(
+            uid,
+            vec![65534; 4],
+            "worker {w} uids; log:\n{}",
+            d.log_text()
+        );
+        assert_eq!(
+            gid,
+            vec![65534; 4],
+            "worker {w} gids; log:\n{}",
+            d.log_text()
+        );
+        assert!(
+            groups.is_empty() || groups == vec![65534],
+            "worker {w} groups {groups:?}"
+        );
+    }
+}
+
+#[test]
+fn workers_run_as_nobody_and_the_master_stays_root() {
+    require_root!();
+    let d = Daemon::start(&config(&["tcp://127.0.0.1:0", "unix:{dir}/echo.sock"]));
+    d.wait_ready();
+    let addr = d.addr("tcp", "echo");
+    let workers = d.wait_workers(2);
+    assert_dropped(&workers, &d);
+    let (uid, _, _) = ids(d.pid());
+    assert_eq!(uid, vec![0; 4], "the master keeps root");
+    echo_once(addr, b"hello as nobody\n").unwrap();
+
+    // The service's socket file belongs to the workers' user; the control
+    // socket stays root's.
+    let meta = std::fs::metadata(d.path("echo.sock")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    let meta = std::fs::metadata(d.path("control.sock")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+
+    // A reload binds a new TCP listener (as root) and its workers drop too.
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = spare.local_addr().unwrap().port();
+    drop(spare);
+    let new = format!("tcp://127.0.0.1:{port}");
+    d.write_config(&config(&[
+        "tcp://127.0.0.1:0",
+        "unix:{dir}/echo.sock",
+        new.as_str(),
+    ]));
+    let out = cli(&d, &["reload"]);
+    assert!(
+        out.status.success(),
+        "reload: {}; log:\n{}",
+        show(&out),
+        d.log_text()
+    );
+    let workers = wait_for(DEADLINE, || {
+        let w = d.workers();
+        (w.len() == 2 && w.iter().all(|p| !workers.contains(p))).then_some(w)
+    })
+    .unwrap_or_else(|| panic!("no new generation; log:\n{}", d.log_text()));
+    assert_dropped(&workers, &d);
+    echo_once(format!("127.0.0.1:{port}").parse().unwrap(), b"again\n").unwrap();
+    echo_once(addr, b"and the old one\n").unwrap();
+}
+
+#[test]
+fn an_unknown_user_is_a_config_error_with_its_position() {
+    let dir = tempdir();
+    let path = dir.path().join("preforkd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nuser = \"no-such-user-x\"\n{}",
+            service("echo", &["tcp://127.0.0.1:0"], "echo", "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{}", show(&out));
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:8: unknown user \"no-such-user-x\"",
+            path.display()
+        )),
+        "{}",
+        show(&out)
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nuser = \"nobody\"\ngroup = \"no-such-group-x\"\n{}",
+            service("echo", &["tcp://127.0.0.1:0"], "echo", "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(":3:9: unknown group \"no-such-group-x\""),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn a_worker_that_cannot_drop_fails_to_boot_with_the_reason() {
+    require_root!();
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    // A master that is not root cannot change its workers' user.
+    let dir = tempdir();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = dir.path().join("preforkd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nuser = \"nobody\"\n{}",
+            service("echo", &["tcp://127.0.0.1:0"], "echo", "")
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .arg("-c")
+        .arg(&path);
+    let mut d = Daemon::spawn(cmd, dir, &[]);
+    let status = d.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(78), "log:\n{}", d.log_text());
+    d.wait_log(
+        "failed to boot: cannot drop privileges to user \"nobody\" (uid 65534, gid 65534): setgroups failed: EPERM",
+    );
+}
