@@ -198,6 +198,16 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
             return code::SOFTWARE;
         }
     };
+    // Socket activation: the sockets systemd passed (not in a new master
+    // of an upgrade, whose sockets come from the old master); the
+    // variables are removed in any case, before anything forks.
+    let activated = match crate::systemd::take_listen_fds(inherited.is_none()) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("socket activation: {e}");
+            return code::SOFTWARE;
+        }
+    };
     // Read and removed before anything forks, so that no worker inherits
     // it; the master keeps the value.
     let notifier = match crate::systemd::Notifier::from_env() {
@@ -277,6 +287,7 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
         exec,
         inherited,
         notifier,
+        activated,
     };
     let result = Master::new(config, registry.clone(), startup).and_then(Master::run);
     match result {

@@ -800,6 +800,10 @@ pub enum ListenAddr {
     Unix(PathBuf),
     /// `unixgram:PATH`: a Unix datagram socket (UnixDatagramServer).
     UnixGram(PathBuf),
+    /// `systemd:NAME`: a socket passed by systemd (socket activation),
+    /// matched against its `FileDescriptorName=`. Its kind (stream or
+    /// datagram, inet or Unix) is the socket's own, known only at start.
+    Systemd(String),
 }
 
 /// Longest Unix socket path: `sun_path` holds 108 bytes including the NUL.
@@ -809,6 +813,14 @@ impl ListenAddr {
     /// True for connection-oriented sockets (tcp, unix).
     pub fn is_stream(&self) -> bool {
         matches!(self, ListenAddr::Tcp(_) | ListenAddr::Unix(_))
+    }
+
+    /// The `FileDescriptorName=` of a `systemd:NAME` entry.
+    pub fn systemd_name(&self) -> Option<&str> {
+        match self {
+            ListenAddr::Systemd(n) => Some(n),
+            _ => None,
+        }
     }
 
     /// A key under which two entries conflict; None for port 0, which asks
@@ -822,6 +834,7 @@ impl ListenAddr {
                 "path {}",
                 p.components().collect::<PathBuf>().display()
             )),
+            ListenAddr::Systemd(n) => Some(format!("systemd socket {n:?}")),
             _ => Some(self.to_string()),
         }
     }
@@ -834,6 +847,7 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Udp(a) => write!(f, "udp://{a}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::UnixGram(p) => write!(f, "unixgram:{}", p.display()),
+            ListenAddr::Systemd(n) => write!(f, "systemd:{n}"),
         }
     }
 }
@@ -842,7 +856,7 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        const EXPECTED: &str = "expected tcp://HOST:PORT, udp://HOST:PORT, unix:PATH or unixgram:PATH, \
+        const EXPECTED: &str = "expected tcp://HOST:PORT, udp://HOST:PORT, unix:PATH, unixgram:PATH or systemd:NAME, \
              with HOST an IP address such as 127.0.0.1 or [::1]";
         let inet = |rest: &str| -> Result<SocketAddr, String> {
             rest.parse::<SocketAddr>()
@@ -871,6 +885,18 @@ impl FromStr for ListenAddr {
             Ok(ListenAddr::UnixGram(path(rest)?))
         } else if let Some(rest) = s.strip_prefix("unix:") {
             Ok(ListenAddr::Unix(path(rest)?))
+        } else if let Some(name) = s.strip_prefix("systemd:") {
+            // sd_listen_fds_with_names(3): at most 255 printable ASCII
+            // characters, no ':' (the separator of LISTEN_FDNAMES).
+            if name.is_empty()
+                || name.len() > 255
+                || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+            {
+                return Err(format!(
+                    "invalid listen address {s:?}: systemd:NAME needs the socket unit's FileDescriptorName=, 1 to 255 printable ASCII characters without ':' or spaces"
+                ));
+            }
+            Ok(ListenAddr::Systemd(name.to_string()))
         } else {
             Err(format!("invalid listen address {s:?}: {EXPECTED}"))
         }
@@ -989,6 +1015,11 @@ impl Config {
                 }
                 Some(info) => {
                     for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
+                        // A systemd socket's kind is checked when it is
+                        // adopted.
+                        if addr.systemd_name().is_some() {
+                            continue;
+                        }
                         let stream = addr.is_stream();
                         if (stream && !info.stream) || (!stream && !info.datagram) {
                             return Err((
@@ -1038,6 +1069,22 @@ workers = 3
 [service.handler]
 plugin = "echo"
 "#;
+
+    #[test]
+    fn systemd_listen_entries() {
+        let c = parse(&GOOD.replace("\"unix:/tmp/x.sock\"", "\"systemd:web\"")).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.addrs[1], ListenAddr::Systemd("web".into()));
+        assert_eq!(s.listen_keys()[1].0, "systemd:web");
+        assert_eq!(s.addrs[1].to_string(), "systemd:web");
+        for bad in ["systemd:", "systemd:a:b", "systemd:a b"] {
+            let e = parse(&GOOD.replace("unix:/tmp/x.sock", bad)).unwrap_err();
+            assert!(e.contains("FileDescriptorName="), "{bad}: {e}");
+        }
+        let e =
+            parse(&GOOD.replace("unix:/tmp/x.sock", "systemd:web\", \"systemd:web")).unwrap_err();
+        assert!(e.contains("duplicate listen address systemd:web"), "{e}");
+    }
 
     #[test]
     fn good_config_gets_defaults() {

@@ -38,6 +38,33 @@ pub enum ListenError {
         /// The live socket's path.
         path: PathBuf,
     },
+    /// A `systemd:NAME` entry whose socket systemd did not pass (exit 78).
+    #[error(
+        "cannot listen on {addr}: systemd passed no socket named {name:?} (LISTEN_FDNAMES: {passed}); check FileDescriptorName= in the .socket unit, and that preforkd runs under socket activation"
+    )]
+    NotPassed {
+        /// The configured address.
+        addr: ListenAddr,
+        /// The name asked for.
+        name: String,
+        /// The names systemd passed, or "none".
+        passed: String,
+    },
+    /// A `systemd:NAME` socket of a kind the service's plugin does not
+    /// serve (exit 78).
+    #[error(
+        "cannot listen on {addr}: systemd passed a {kind} socket ({bound}), which plugin {plugin:?} does not serve"
+    )]
+    WrongKind {
+        /// The configured address.
+        addr: ListenAddr,
+        /// What the socket is.
+        bound: ListenAddr,
+        /// The service's plugin.
+        plugin: String,
+        /// "stream" or "datagram".
+        kind: &'static str,
+    },
     /// The Unix socket path exists and is not a socket.
     #[error("cannot listen on {addr}: {path} exists and is not a socket; refusing to remove it")]
     NotASocket {
@@ -67,6 +94,9 @@ pub struct Listener {
     /// completed: the previous master still serves on it, so it must never
     /// be shut down, nor its file removed, until the handover is confirmed.
     pub shared: bool,
+    /// Passed by systemd (socket activation): systemd owns the socket and
+    /// its file, so it is never unlinked, shut down, re-listened or chmoded.
+    pub systemd: bool,
 }
 
 impl Listener {
@@ -126,8 +156,14 @@ impl Listener {
                     socket: socket.into(),
                     created: None,
                     shared: false,
+                    systemd: false,
                 })
             }
+            ListenAddr::Systemd(name) => Err(ListenError::NotPassed {
+                addr: addr.clone(),
+                name: name.clone(),
+                passed: "none".into(),
+            }),
             ListenAddr::Unix(path) | ListenAddr::UnixGram(path) => {
                 let stream = matches!(addr, ListenAddr::Unix(_));
                 clear_stale(addr, path, stream)?;
@@ -153,6 +189,7 @@ impl Listener {
                     socket: socket.into(),
                     created,
                     shared: false,
+                    systemd: false,
                 };
                 // From here on, a failure removes the file we just made.
                 let finish = |l: &Listener| -> Result<(), ListenError> {
@@ -191,6 +228,25 @@ impl Listener {
         let ty = socket
             .r#type()
             .map_err(|e| fail("getsockopt(SO_TYPE)", e))?;
+        if let ListenAddr::Systemd(_) = addr {
+            // Whatever kind systemd made; the plugin's fit is checked by
+            // the master.
+            let bound = kind_of(&socket).map_err(|e| fail("adopt", e))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| fail("fcntl(O_NONBLOCK)", e))?;
+            crate::sys::set_cloexec(socket.as_fd(), true)
+                .map_err(|e| fail("fcntl(FD_CLOEXEC)", e))?;
+            return Ok(Listener {
+                key: addr.to_string(),
+                addr: addr.clone(),
+                bound,
+                socket: socket.into(),
+                created: None,
+                shared: true,
+                systemd: true,
+            });
+        }
         let want = if addr.is_stream() {
             Type::STREAM
         } else {
@@ -224,6 +280,7 @@ impl Listener {
                 };
                 (bound, None)
             }
+            ListenAddr::Systemd(_) => unreachable!("handled above"),
             ListenAddr::Unix(path) | ListenAddr::UnixGram(path) => {
                 if local.as_pathname() != Some(path.as_path()) {
                     return Err(mismatch(format!("bound to {:?}", local.as_pathname())));
@@ -245,9 +302,39 @@ impl Listener {
             socket: socket.into(),
             created,
             shared: true,
+            systemd: false,
         })
     }
 
+    /// Takes over a socket passed by systemd for `addr` (a `systemd:NAME`
+    /// entry, or an address it is bound to): checked like [`Listener::adopt`],
+    /// but systemd keeps owning it: its file is never removed, and it is
+    /// never shut down (systemd queues connections while we are away).
+    pub fn adopt_systemd(addr: &ListenAddr, fd: OwnedFd) -> Result<Listener, ListenError> {
+        let mut l = Listener::adopt(addr, fd)?;
+        l.created = None;
+        l.shared = false;
+        l.systemd = true;
+        Ok(l)
+    }
+
+    /// Whether this socket is bound to `addr` (for matching a socket passed
+    /// by systemd with a `listen` address): same kind and address; a port
+    /// 0 address matches nothing.
+    pub fn fd_matches(fd: BorrowedFd<'_>, addr: &ListenAddr) -> bool {
+        let s = socket2::SockRef::from(&fd);
+        let Ok(bound) = kind_of(&s) else {
+            return false;
+        };
+        match (addr, &bound) {
+            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) | (ListenAddr::Udp(a), ListenAddr::Udp(b)) => {
+                a.port() != 0 && a == b
+            }
+            (ListenAddr::Unix(a), ListenAddr::Unix(b))
+            | (ListenAddr::UnixGram(a), ListenAddr::UnixGram(b)) => a == b,
+            _ => false,
+        }
+    }
     /// Applies a new backlog and socket file mode to a listener that a
     /// reload keeps: listen(2) again and chmod the file.
     pub fn update(
@@ -256,6 +343,10 @@ impl Listener {
         mode: SocketMode,
         owner: Option<&Credentials>,
     ) -> io::Result<()> {
+        if self.systemd {
+            // The .socket unit's Backlog=, SocketMode= and SocketUser= rule.
+            return Ok(());
+        }
         if self.addr.is_stream() {
             socket2::SockRef::from(&self.socket).listen(backlog)?;
         }
@@ -305,7 +396,9 @@ impl Listener {
     /// at once, in every process that shares the socket. Used only when the
     /// whole daemon stops.
     pub fn stop_accepting(&self) {
-        if self.addr.is_stream() {
+        // systemd's socket lives on after us: connections queue there until
+        // the service starts again.
+        if self.bound.is_stream() && !self.systemd {
             // Errors are of no consequence: the socket is closed right after.
             let _ = nix::sys::socket::shutdown(
                 self.socket.as_raw_fd(),
@@ -387,6 +480,50 @@ fn clear_stale(addr: &ListenAddr, path: &Path, stream: bool) -> Result<(), Liste
     }
 }
 
+/// What a socket is, from the kernel: its type (SO_TYPE), domain
+/// (its address family) and address, as a concrete [`ListenAddr`]. Only bound inet
+/// and path-named Unix sockets of stream or datagram type qualify.
+fn kind_of(socket: &Socket) -> io::Result<ListenAddr> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    let ty = socket.r#type()?;
+    let stream = if ty == Type::STREAM {
+        true
+    } else if ty == Type::DGRAM {
+        false
+    } else {
+        return Err(bad(format!(
+            "the socket is of type {ty:?}, not a stream or datagram socket"
+        )));
+    };
+    // The address family getsockname(2) reports is the socket's domain
+    // (SO_DOMAIN).
+    let local = socket.local_addr()?;
+    let domain = local.domain();
+    if domain == Domain::IPV4 || domain == Domain::IPV6 {
+        let sa = local
+            .as_socket()
+            .ok_or_else(|| bad("the inet socket has no address".into()))?;
+        Ok(if stream {
+            ListenAddr::Tcp(sa)
+        } else {
+            ListenAddr::Udp(sa)
+        })
+    } else if domain == Domain::UNIX {
+        let path = local.as_pathname().ok_or_else(|| {
+            bad("the Unix socket is abstract or unnamed; only path sockets are supported".into())
+        })?;
+        Ok(if stream {
+            ListenAddr::Unix(path.to_owned())
+        } else {
+            ListenAddr::UnixGram(path.to_owned())
+        })
+    } else {
+        Err(bad(format!(
+            "the socket's domain {domain:?} is not inet or Unix"
+        )))
+    }
+}
+
 /// A listener as a worker uses it: the std type for its kind.
 #[derive(Debug)]
 pub enum WorkerSocket {
@@ -414,6 +551,7 @@ impl WorkerSocket {
             ListenAddr::Unix(_) => WorkerSocket::Unix(fd.into()),
             ListenAddr::Udp(_) => WorkerSocket::Udp(fd.into()),
             ListenAddr::UnixGram(_) => WorkerSocket::UnixGram(fd.into()),
+            ListenAddr::Systemd(_) => unreachable!("workers get the bound address"),
         }
     }
 }

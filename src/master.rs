@@ -99,6 +99,9 @@ impl MasterError {
     /// The process exit code for this error (see [`crate::exit::code`]).
     pub fn exit_code(&self) -> i32 {
         match self {
+            MasterError::Listen(ListenError::NotPassed { .. } | ListenError::WrongKind { .. }) => {
+                code::CONFIG
+            }
             MasterError::Listen(_) => code::UNAVAILABLE,
             MasterError::Boot { .. } => code::CONFIG,
             MasterError::PidFile { .. } => code::CANTCREAT,
@@ -263,6 +266,8 @@ pub struct Startup {
     pub inherited: Option<Inherited>,
     /// Where to send sd_notify messages (the default: nowhere).
     pub notifier: Notifier,
+    /// Sockets passed by systemd (socket activation).
+    pub activated: Vec<systemd::Activated>,
 }
 
 /// The master process's whole state.
@@ -326,32 +331,86 @@ fn find<'a>(listeners: &'a [Listener], key: &str) -> Option<&'a Listener> {
     listeners.iter().find(|l| l.key == key)
 }
 
-/// Binds `addr`, or adopts the socket the previous master handed over for it.
+/// Binds `addr`, or adopts the socket the previous master handed over for
+/// it, or one that systemd passed (named by `systemd:NAME`, or bound to
+/// `addr`).
 fn open_listener(
     addr: &ListenAddr,
     backlog: i32,
     mode: SocketMode,
     inherited: Option<&mut Inherited>,
+    activated: &mut Vec<systemd::Activated>,
     key: &str,
     owner: Option<&Credentials>,
 ) -> Result<Listener, ListenError> {
-    let mut l = match inherited.and_then(|i| i.fds.remove(key)) {
-        Some(fd) => {
-            let l = Listener::adopt(addr, fd)?;
-            log::info!("adopted {} from the previous master", l.bound);
-            l
+    let mut l = if let Some((fd, owned)) = inherited.and_then(|i| {
+        i.fds
+            .remove(key)
+            .map(|fd| (fd, i.systemd.contains(&key.to_string())))
+    }) {
+        let mut l = Listener::adopt(addr, fd)?;
+        if owned {
+            l.forget_file();
+            l.systemd = true;
         }
-        None => {
-            let mut l = Listener::bind(addr, backlog, mode)?;
-            if let Err(e) = l.chown(owner) {
-                l.remove_file();
-                return Err(e);
-            }
-            l
+        log::info!("adopted {} from the previous master", l.bound);
+        l
+    } else if let Some(i) = activated.iter().position(|a| match addr {
+        ListenAddr::Systemd(name) => a.name == *name,
+        _ => Listener::fd_matches(a.fd.as_fd(), addr),
+    }) {
+        let a = activated.remove(i);
+        let l = Listener::adopt_systemd(addr, a.fd)?;
+        log::info!(
+            "adopted {} from systemd (socket activation, FileDescriptorName={}) for {addr}, not bound",
+            l.bound,
+            a.name
+        );
+        l
+    } else if let ListenAddr::Systemd(name) = addr {
+        let passed: Vec<&str> = activated.iter().map(|a| a.name.as_str()).collect();
+        return Err(ListenError::NotPassed {
+            addr: addr.clone(),
+            name: name.clone(),
+            passed: if passed.is_empty() {
+                "none left".into()
+            } else {
+                passed.join(":")
+            },
+        });
+    } else {
+        // Only sockets we create are ours to chown (systemd's follow the
+        // unit's SocketUser=/SocketGroup=).
+        let mut l = Listener::bind(addr, backlog, mode)?;
+        if let Err(e) = l.chown(owner) {
+            l.remove_file();
+            return Err(e);
         }
+        l
     };
     l.key = key.to_string();
     Ok(l)
+}
+
+/// A `systemd:NAME` socket's kind is known only once adopted: checks that
+/// the service's plugin serves it.
+fn check_kind(svc: &ServiceConfig, registry: &Registry, l: &Listener) -> Result<(), ListenError> {
+    if l.addr.systemd_name().is_none() {
+        return Ok(());
+    }
+    let plugin = svc.handler.plugin.get_ref();
+    let stream = l.bound.is_stream();
+    match registry.get(plugin) {
+        Some(info) if (stream && !info.stream) || (!stream && !info.datagram) => {
+            Err(ListenError::WrongKind {
+                addr: l.addr.clone(),
+                bound: l.bound.clone(),
+                plugin: plugin.clone(),
+                kind: if stream { "stream" } else { "datagram" },
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Master {
@@ -369,6 +428,7 @@ impl Master {
             exec,
             mut inherited,
             mut notifier,
+            mut activated,
         } = startup;
         // A new master of an upgrade that cannot start tells the old one why.
         let mut notify = inherited.as_mut().and_then(|i| i.notify.take());
@@ -394,9 +454,12 @@ impl Master {
                     svc.backlog,
                     svc.socket_mode,
                     inherited.as_mut(),
+                    &mut activated,
                     &key,
                     config.daemon.credentials.as_ref(),
-                ) {
+                )
+                .and_then(|l| check_kind(svc, &registry, &l).map(|()| l))
+                {
                     Ok(l) => {
                         log::info!("listening on {} (service {})", l.bound, svc.name.get_ref());
                         listeners.push(l);
@@ -416,6 +479,7 @@ impl Master {
                     CONTROL_BACKLOG,
                     SocketMode(0o600),
                     inherited.as_mut(),
+                    &mut Vec::new(),
                     &upgrade::control_key(path),
                     None,
                 ) {
@@ -430,6 +494,13 @@ impl Master {
                 }
             }
         };
+        for a in activated {
+            log::warn!(
+                "systemd passed a socket named {:?} that no service uses; closing it (name it in a listen entry as \"systemd:{}\")",
+                a.name,
+                a.name
+            );
+        }
         let mut handover = None;
         let mut predecessor = None;
         let mut orphans = Vec::new();
@@ -437,6 +508,12 @@ impl Master {
         if let Some(inh) = inherited {
             predecessor = inh.lifeline;
             for (key, fd) in inh.fds {
+                if inh.systemd.contains(&key) {
+                    log::warn!(
+                        "the previous master handed over {key} (systemd's), which the config no longer names; closing it"
+                    );
+                    continue;
+                }
                 log::warn!(
                     "the previous master handed over {key}, which the config no longer names; closing it once the upgrade is done"
                 );
@@ -1499,7 +1576,12 @@ impl Master {
         let mut added = Vec::new();
         for svc in &config.services {
             for (key, addr) in svc.listen_keys() {
-                if find(&self.listeners, &key).is_some() {
+                if let Some(l) = find(&self.listeners, &key) {
+                    if let Err(e) = check_kind(svc, &self.registry, l) {
+                        self.close_listeners(&added);
+                        self.reload_failed(generation, waiters, &e.to_string(), None);
+                        return;
+                    }
                     continue;
                 }
                 match open_listener(
@@ -1507,6 +1589,7 @@ impl Master {
                     svc.backlog,
                     svc.socket_mode,
                     None,
+                    &mut Vec::new(),
                     &key,
                     config.daemon.credentials.as_ref(),
                 ) {
@@ -1782,7 +1865,16 @@ impl Master {
                 .env(upgrade::ENV_FROM, self.pid.to_string())
                 // The new master's first generation is `reserved` (failed
                 // reloads and upgrades use numbers too).
-                .env(upgrade::ENV_GENERATION, (reserved - 1).to_string());
+                .env(upgrade::ENV_GENERATION, (reserved - 1).to_string())
+                .env(
+                    upgrade::ENV_SYSTEMD,
+                    self.listeners
+                        .iter()
+                        .filter(|l| l.systemd)
+                        .map(|l| l.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
             // Removed from our environment before the first fork (no
             // worker sees them), but the next master needs them.
             for (name, value) in self.notifier.successor_env() {

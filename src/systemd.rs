@@ -23,6 +23,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -192,6 +193,87 @@ pub fn monotonic_now() -> Option<NotifyState<'static>> {
     NotifyState::monotonic_usec_now()
         .map_err(|e| log::debug!("clock_gettime(CLOCK_MONOTONIC) failed: {e}"))
         .ok()
+}
+
+/// The number of sockets systemd passed (socket activation).
+pub const ENV_LISTEN_FDS: &str = "LISTEN_FDS";
+/// The process they are meant for.
+pub const ENV_LISTEN_PID: &str = "LISTEN_PID";
+/// Their `FileDescriptorName=`s, colon-separated.
+pub const ENV_LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// One socket passed by systemd: its `FileDescriptorName=` (systemd's
+/// default is the socket unit's name, or `unknown` without names) and the
+/// descriptor, close-on-exec.
+#[derive(Debug)]
+pub struct Activated {
+    /// `FileDescriptorName=`.
+    pub name: String,
+    /// The socket (not yet checked to be one).
+    pub fd: OwnedFd,
+}
+
+/// Reads `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` (sd_listen_fds(3))
+/// and removes them from the environment, whatever they say, so that no
+/// worker (nor what it runs) sees them. The descriptors are taken only when
+/// `LISTEN_PID` is this process and `take` is set (false in the new master
+/// of a binary upgrade, whose descriptors come from the old master). Call
+/// once, first thing, while single-threaded.
+pub fn take_listen_fds(take: bool) -> Result<Vec<Activated>, String> {
+    let fds = std::env::var(ENV_LISTEN_FDS).ok();
+    let pid = std::env::var(ENV_LISTEN_PID).ok();
+    let names = std::env::var(ENV_LISTEN_FDNAMES).ok();
+    crate::sys::remove_env(&[ENV_LISTEN_FDS, ENV_LISTEN_PID, ENV_LISTEN_FDNAMES])
+        .map_err(|e| format!("cannot clear the socket activation environment: {e}"))?;
+    let Some(fds) = fds else {
+        return Ok(Vec::new());
+    };
+    let ours = pid
+        .as_deref()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !ours {
+        log::warn!(
+            "ignoring {ENV_LISTEN_FDS}={fds}: {ENV_LISTEN_PID}={} is not this process ({})",
+            pid.as_deref().unwrap_or("(unset)"),
+            std::process::id()
+        );
+        return Ok(Vec::new());
+    }
+    if !take {
+        log::warn!("ignoring {ENV_LISTEN_FDS}={fds} in the new master of a binary upgrade");
+        return Ok(Vec::new());
+    }
+    let n: RawFd = fds
+        .parse()
+        .ok()
+        .filter(|n| (0..=4096).contains(n))
+        .ok_or_else(|| format!("{ENV_LISTEN_FDS}={fds:?} is not a count of descriptors"))?;
+    let names: Vec<String> = match names {
+        Some(names) => names.split(':').map(str::to_string).collect(),
+        None => Vec::new(),
+    };
+    if !names.is_empty() && names.len() != n as usize {
+        log::warn!(
+            "{ENV_LISTEN_FDNAMES} has {} names for {n} descriptors; the others are named \"unknown\"",
+            names.len()
+        );
+    }
+    (0..n)
+        .map(|i| {
+            let fd = LISTEN_FDS_START + i;
+            let fd = crate::sys::take_inherited_fd(fd)
+                .map_err(|e| format!("descriptor {fd} passed by systemd: {e}"))?;
+            let name = names
+                .get(i as usize)
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_string());
+            Ok(Activated { name, fd })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,7 +18,10 @@
 //!   two generations alive, across masters too);
 //! - `PREFORKD_UPGRADE_FROM`: the old master's pid;
 //! - `PREFORKD_GENERATION`: the last generation number the old master used
-//!   (it reserves the next one for the new master's first generation).
+//!   (it reserves the next one for the new master's first generation);
+//! - `PREFORKD_INHERIT_SYSTEMD`: the keys, one a line, of the sockets that
+//!   systemd passed (socket activation), which stay systemd's: never shut
+//!   down nor unlinked.
 //!
 //! The new master reads them once at start and removes them from its
 //! environment, so that neither workers nor programs they run see them.
@@ -42,6 +45,9 @@ pub const ENV_FROM: &str = "PREFORKD_UPGRADE_FROM";
 pub const ENV_LIFELINE: &str = "PREFORKD_UPGRADE_LIFELINE";
 /// The last generation number the old master used.
 pub const ENV_GENERATION: &str = "PREFORKD_GENERATION";
+/// Keys (one a line) of the inherited sockets that systemd passed to a
+/// master before (socket activation): systemd owns them and their files.
+pub const ENV_SYSTEMD: &str = "PREFORKD_INHERIT_SYSTEMD";
 
 /// The key of the control socket in [`ENV_FDS`].
 pub fn control_key(path: &Path) -> String {
@@ -87,6 +93,8 @@ pub struct Inherited {
     pub from: Option<i32>,
     /// The previous master's generation.
     pub generation: u64,
+    /// Keys of the sockets that systemd owns ([`ENV_SYSTEMD`]).
+    pub systemd: Vec<String>,
 }
 
 impl Inherited {
@@ -100,8 +108,16 @@ impl Inherited {
         let lifeline = std::env::var(ENV_LIFELINE).ok();
         let from = std::env::var(ENV_FROM).ok();
         let generation = std::env::var(ENV_GENERATION).ok();
-        crate::sys::remove_env(&[ENV_FDS, ENV_NOTIFY, ENV_LIFELINE, ENV_FROM, ENV_GENERATION])
-            .map_err(|e| format!("cannot clear the upgrade environment: {e}"))?;
+        let systemd = std::env::var(ENV_SYSTEMD).unwrap_or_default();
+        crate::sys::remove_env(&[
+            ENV_FDS,
+            ENV_NOTIFY,
+            ENV_LIFELINE,
+            ENV_FROM,
+            ENV_GENERATION,
+            ENV_SYSTEMD,
+        ])
+        .map_err(|e| format!("cannot clear the upgrade environment: {e}"))?;
         let table = table
             .into_string()
             .map_err(|_| format!("{ENV_FDS} is not UTF-8"))?;
@@ -126,6 +142,11 @@ impl Inherited {
             lifeline,
             from: from.and_then(|p| p.parse().ok()),
             generation: generation.and_then(|g| g.parse().ok()).unwrap_or(0),
+            systemd: systemd
+                .split('\n')
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect(),
         }))
     }
 

@@ -120,6 +120,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         let local = match &addr {
             ListenAddr::Tcp(a) | ListenAddr::Udp(a) => Addr::Inet(*a),
             ListenAddr::Unix(p) | ListenAddr::UnixGram(p) => Addr::Unix(Some(p.clone())),
+            ListenAddr::Systemd(_) => unreachable!("workers get the bound address"),
         };
         sockets.push((WorkerSocket::new(&addr, fd), local));
     }

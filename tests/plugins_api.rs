@@ -17,7 +17,8 @@
 //! - `stubborn`: echo over blocking `Read`, deaf to the shutdown flag: the
 //!   master SIGKILLs it after `graceful_timeout`.
 //! - `environ`: writes the names of the worker's environment variables, one
-//!   a line: systemd's variables never reach a worker.
+//!   a line: systemd's variables (NOTIFY_SOCKET, LISTEN_FDS, ...) never
+//!   reach a worker.
 
 mod common;
 
@@ -373,6 +374,64 @@ fn workers_do_not_inherit_notify_socket() {
     }
 }
 
+/// LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES (socket activation) are for
+/// the master too. Skipped without systemd-socket-activate.
+fn workers_do_not_inherit_listen_fds() {
+    let tool = "systemd-socket-activate";
+    if !std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIPPED: {tool} is not installed (the systemd package)");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempdir();
+    let config = dir.path().join("preforkd.toml");
+    std::fs::write(
+        &config,
+        service("env", &["systemd:env"], "environ", "workers = 1"),
+    )
+    .unwrap();
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = std::process::Command::new(tool);
+    cmd.arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=env")
+        .arg(format!("-E{DAEMON_ENV}=1"))
+        .arg("--")
+        .arg(exe)
+        .arg("-c")
+        .arg(&config);
+    let d = Daemon::spawn(cmd, dir, &[]);
+    wait_for(DEADLINE, || {
+        (d.count_log("Listening on ") > 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the activator is not listening; log:\n{}", d.log_text()));
+    // The connection wakes the activator, which execs the daemon.
+    let mut s = connect(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    let names = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    let names: Vec<&str> = names.lines().collect();
+    assert!(
+        names.contains(&DAEMON_ENV),
+        "{names:?}; log:\n{}",
+        d.log_text()
+    );
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        assert!(!names.contains(&var), "a worker sees {var}: {names:?}");
+    }
+    assert!(
+        d.log_text().contains("adopted tcp://127.0.0.1:"),
+        "{}",
+        d.log_text()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The runner.
 
@@ -380,7 +439,7 @@ fn main() {
     if std::env::var_os(DAEMON_ENV).is_some_and(|v| v == "1") {
         preforkd::cli::main_with(registry());
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         (
             "failboot_exits_78_without_a_crash_loop",
             failboot_exits_78_without_a_crash_loop,
@@ -400,6 +459,10 @@ fn main() {
         (
             "workers_do_not_inherit_notify_socket",
             workers_do_not_inherit_notify_socket,
+        ),
+        (
+            "workers_do_not_inherit_listen_fds",
+            workers_do_not_inherit_listen_fds,
         ),
     ];
     // Like libtest: arguments that are not options filter tests by name.
