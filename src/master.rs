@@ -304,6 +304,10 @@ pub struct Master {
     failed_successor: Option<(Pid, Instant)>,
     /// Set while failing an upgrade whose new master has already exited.
     successor_gone: bool,
+    /// The pid file this master wrote on taking over (binary upgrade, or a
+    /// failed one), locked with flock as daemonize locks the first: while
+    /// this master runs, a second `--daemon` on the same file is refused.
+    pid_lock: Option<nix::fcntl::Flock<std::fs::File>>,
     /// In a new master: inherited Unix sockets the config no longer names,
     /// whose files are removed once the handover is done.
     orphans: Vec<Listener>,
@@ -582,6 +586,7 @@ impl Master {
             handover,
             predecessor,
             failed_successor: None,
+            pid_lock: None,
             successor_gone: false,
             orphans,
             lifeline: None,
@@ -948,7 +953,11 @@ impl Master {
         let Some((notify, from)) = self.handover.take() else {
             return;
         };
-        if let Err(e) = write_pid_file(self.pid_file.as_deref(), self.pid) {
+        let written = write_pid_file(self.pid_file.as_deref(), self.pid);
+        if written.is_ok() {
+            self.pid_lock = lock_pid_file(self.pid_file.as_deref());
+        }
+        if let Err(e) = written {
             log::error!("{e}; giving up the upgrade");
             upgrade::report_error(notify, &e.to_string());
             self.boot_failure = Some(e);
@@ -2006,8 +2015,9 @@ impl Master {
             self.failed_successor = Some((up.pid, Instant::now() + grace));
         }
         // It may have written the pid file before it failed.
-        if let Err(e) = write_pid_file(self.pid_file.as_deref(), self.pid) {
-            log::warn!("cannot restore the pid file: {e}");
+        match write_pid_file(self.pid_file.as_deref(), self.pid) {
+            Ok(()) => self.pid_lock = lock_pid_file(self.pid_file.as_deref()),
+            Err(e) => log::warn!("cannot restore the pid file: {e}"),
         }
         log::error!(
             "upgrade failed after {}: {reason}; master pid {} keeps serving generation {}",
@@ -2270,6 +2280,21 @@ fn write_pid_file(path: Option<&std::path::Path>, pid: Pid) -> Result<(), Master
                 source,
             }
         })
+}
+
+/// Locks the pid file just written (a new inode: the lock taken at start,
+/// by daemonize, was on the file it replaced). Held until exit; a failure
+/// is logged, not fatal.
+fn lock_pid_file(path: Option<&std::path::Path>) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let path = path?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(|e| log::warn!("cannot open pid file {} to lock it: {e}", path.display()))
+        .ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| log::warn!("cannot lock pid file {}: {e}", path.display()))
+        .ok()
 }
 
 /// Reads what a worker wrote to its ready pipe; closes the pipe at EOF.

@@ -203,3 +203,55 @@ fn the_launcher_exits_78_on_a_bad_config() {
     );
     assert!(!pid_file.exists());
 }
+
+/// After a binary upgrade the pid file is a new file, written by the new
+/// master: it locks it too, so a second instance is still refused.
+#[test]
+fn the_pid_file_stays_locked_across_an_upgrade() {
+    let dir = tempdir();
+    let pid_file = dir.path().join("preforkd.pid");
+    let mut guard = Guard::new(&pid_file);
+    let path = dir.path().join("preforkd.toml");
+    let port = free_port();
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[control]\nsocket = \"{}/control.sock\"\n",
+            config(dir.path(), port),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = launch(&path);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\nlog:\n{}",
+        show(&out),
+        log_of(dir.path())
+    );
+    let old = guard.track();
+    let out = run_cli(&path, &["upgrade"]);
+    assert!(
+        out.status.success(),
+        "{}\nlog:\n{}",
+        show(&out),
+        log_of(dir.path())
+    );
+    let new = pid_file_pid(&pid_file).expect("a pid file");
+    assert_ne!(new, old);
+    let out = launch(&path);
+    assert_eq!(
+        out.status.code(),
+        Some(73),
+        "{}\nlog:\n{}",
+        show(&out),
+        log_of(dir.path())
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("another preforkd (pid {new})")),
+        "{}",
+        show(&out)
+    );
+    echo_once(format!("127.0.0.1:{port}").parse().unwrap(), b"after\n").unwrap();
+}
