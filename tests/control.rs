@@ -21,46 +21,6 @@ use common::*;
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `preforkd status --json` through [`run_cli`], parsed.
-fn status_of(d: &Daemon) -> serde_json::Value {
-    let out = run_cli(&d.path("preforkd.toml"), &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "status failed: {}\nlog:\n{}",
-        show(&out),
-        d.log_text()
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", show(&out)))
-}
-
-/// Polls `status` until `f` accepts it; returns that status.
-fn wait_status(
-    d: &Daemon,
-    what: &str,
-    f: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for(DEADLINE, || {
-        last = status_of(d);
-        f(&last).then(|| last.clone())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "status never showed {what}; last:\n{last:#}\nlog:\n{}",
-            d.log_text()
-        )
-    })
-}
-
 /// Pid file, control socket, echo on TCP and a Unix socket; `extra` goes
 /// into the service.
 fn config(extra: &str) -> String {
@@ -700,7 +660,7 @@ fn survives_idle_and_garbage_clients() {
         slowest < Duration::from_secs(5),
         "a status took {slowest:?} while odd clients were connected"
     );
-    let v = status_of(&d);
+    let v = status(&d);
     assert_eq!(v["state"], "running");
     echo_once(tcp, b"after\n").unwrap();
     eprintln!(
@@ -752,7 +712,7 @@ fn refuses_another_uid() {
     assert!(alive(d.pid()));
 
     // Root is answered as ever.
-    let v = status_of(&d);
+    let v = status(&d);
     assert_eq!((&v["ok"], &v["state"]), (&true.into(), &"running".into()));
     echo_once(d.addr("tcp", "echo"), b"still serving\n").unwrap();
 }

@@ -17,49 +17,13 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `preforkd status --json` through [`run_cli`], parsed.
-fn status_of(config: &Path, d: &Daemon) -> serde_json::Value {
-    let out = run_cli(config, &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "status failed: {}\nlog:\n{}",
-        show(&out),
-        d.log_text()
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", show(&out)))
-}
-
-/// Polls `status` until the master is at rest (see `common::settled`).
-fn settled_status(config: &Path, d: &Daemon) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for(DEADLINE, || {
-        last = status_of(config, d);
-        settled(&last).then(|| last.clone())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "the master did not settle; last status:\n{last:#}\nlog:\n{}",
-            d.log_text()
-        )
-    })
-}
 
 /// Pid file, control socket, and an echo service on TCP and a Unix socket
 /// (2 workers x 4 threads, so that persistent clients never starve each
@@ -467,7 +431,7 @@ fn unix_and_tcp_listeners_survive_an_upgrade() {
     assert_serves(&d, tcp, "after upgrade 1");
 
     // The control socket reaches the new master, generation 2.
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(v["pid"], second, "{v:#}");
     assert_eq!(v["generation"], 2, "{v:#}");
     assert_eq!(v["upgrade"]["previous_master_draining"], false, "{v:#}");
@@ -506,7 +470,7 @@ fn unix_and_tcp_listeners_survive_an_upgrade() {
         "master pid {second} exiting; master pid {third} carries on"
     ));
     load.wait_progress(&d, 100, "after the second upgrade");
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(v["pid"], third, "{v:#}");
     assert_eq!(v["generation"], 3, "{v:#}");
     assert_eq!(inode(&sock), sock_ino, "the Unix socket file was replaced");
@@ -604,7 +568,7 @@ fn failed_upgrade_keeps_the_old_master() {
     assert_eq!(inode(&d.path("echo.sock")), sock_ino);
     load.wait_progress(&d, 50, "after the failed upgrade");
     assert_serves(&d, tcp, "after the failed upgrade");
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(
         (v["pid"].as_i64(), v["generation"].as_i64()),
         (Some(master as i64), Some(1)),
@@ -635,7 +599,7 @@ fn failed_upgrade_keeps_the_old_master() {
         "log:\n{}",
         d.log_text()
     );
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(v["pid"], new, "{v:#}");
     assert_serves(&d, tcp, "after the second upgrade");
 }
@@ -660,7 +624,7 @@ fn sigusr2_upgrades_too() {
         d.log_text()
     );
     assert_eq!(title(new), "preforkd: master");
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(
         (v["pid"].as_i64(), v["generation"].as_i64()),
         (Some(new as i64), Some(2)),
@@ -712,7 +676,7 @@ fn upgrade_timeout_kills_a_new_master_that_is_never_ready() {
     now.sort();
     assert_eq!(now, workers, "the old workers were replaced");
     assert_serves(&d, tcp, "after the timed-out upgrade");
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(v["pid"], master, "{v:#}");
 
     // A real (new) binary at the path again, and time enough for it (a
@@ -726,7 +690,7 @@ fn upgrade_timeout_kills_a_new_master_that_is_never_ready() {
     d.write_config(&config("upgrade_timeout = \"60s\""));
     let out = run_cli(&cfg, &["reload"]);
     assert!(out.status.success(), "reload: {}", show(&out));
-    settled_status(&cfg, &d);
+    wait_status_at(&cfg, &d, "the master settled", settled);
     let out = run_cli(&cfg, &["upgrade"]);
     assert!(
         out.status.success(),
@@ -889,7 +853,7 @@ fn upgrade_removes_files_the_new_config_no_longer_names() {
         d.log_text()
     );
     let cfg = d.path("preforkd.toml");
-    let v = settled_status(&cfg, &d);
+    let v = wait_status_at(&cfg, &d, "the master settled", settled);
     assert_eq!(v["pid"], new);
 
     let leftovers = |when: &str| -> Vec<String> {

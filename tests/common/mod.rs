@@ -280,9 +280,20 @@ pub fn show(out: &std::process::Output) -> String {
     )
 }
 
-/// `preforkd status --json`, parsed; panics (with the log) if it fails.
-pub fn status(d: &Daemon) -> serde_json::Value {
-    let out = cli(d, &["status", "--json"]);
+/// A command's standard output, as text.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's standard error, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `preforkd -c CONFIG status --json`, parsed; panics (with the log of
+/// `d`) if it fails. For tests that keep several configs.
+pub fn status_at(config: &Path, d: &Daemon) -> serde_json::Value {
+    let out = run_cli(config, &["status", "--json"]);
     assert!(
         out.status.success(),
         "status failed: {}; log:\n{}",
@@ -291,6 +302,41 @@ pub fn status(d: &Daemon) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", show(&out)))
+}
+
+/// `preforkd status --json` with the daemon's own config, parsed.
+pub fn status(d: &Daemon) -> serde_json::Value {
+    status_at(&d.path("preforkd.toml"), d)
+}
+
+/// Polls [`status_at`] until `f` accepts it; returns that status. Panics
+/// after [`DEADLINE`], saying `what` it waited for.
+pub fn wait_status_at(
+    config: &Path,
+    d: &Daemon,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(DEADLINE, || {
+        last = status_at(config, d);
+        f(&last).then(|| last.clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "status never showed {what}; last status:\n{last:#}\nlog:\n{}",
+            d.log_text()
+        )
+    })
+}
+
+/// [`wait_status_at`] with the daemon's own config.
+pub fn wait_status(
+    d: &Daemon,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_status_at(&d.path("preforkd.toml"), d, what, f)
 }
 
 /// Whether a status document shows a master at rest: running, no reload or
@@ -317,17 +363,7 @@ pub fn settled(v: &serde_json::Value) -> bool {
 
 /// Waits until [`settled`]; returns that status. Panics after [`DEADLINE`].
 pub fn wait_settled(d: &Daemon) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for(DEADLINE, || {
-        last = status(d);
-        settled(&last).then(|| last.clone())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "the master did not settle; last status:\n{last:#}\nlog:\n{}",
-            d.log_text()
-        )
-    })
+    wait_status(d, "the master settled", settled)
 }
 
 /// The workers of `service` in a status document.
