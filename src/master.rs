@@ -1941,19 +1941,9 @@ impl Master {
     /// Reads the next master's message: `ready PID` or `error: REASON`.
     fn read_upgrade(&mut self) {
         let Some(up) = &mut self.upgrade else { return };
-        let Some(pipe) = up.pipe.take() else { return };
-        let mut file = std::fs::File::from(pipe);
-        let mut buf = [0u8; 4096];
-        let n = match file.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                up.pipe = Some(file.into());
-                return;
-            }
-            Err(_) => 0,
+        let Some(line) = read_pipe_line(&mut up.pipe) else {
+            return;
         };
-        let text = String::from_utf8_lossy(&buf[..n]);
-        let line = text.lines().next().unwrap_or("").to_string();
         if line.starts_with("ready") {
             self.upgrade_done();
         } else if let Some(reason) = line.strip_prefix("error: ") {
@@ -1969,13 +1959,8 @@ impl Master {
     /// take over).
     fn upgrade_exited(&mut self, exit: ChildExit) {
         let Some(up) = &mut self.upgrade else { return };
-        let mut said = String::new();
-        if let Some(pipe) = up.pipe.take() {
-            let mut buf = [0u8; 4096];
-            if let Ok(n) = std::fs::File::from(pipe).read(&mut buf) {
-                said = String::from_utf8_lossy(&buf[..n]).into_owned();
-            }
-        }
+        // It has exited: whatever it wrote is there (or nothing is).
+        let said = read_pipe_line(&mut up.pipe).unwrap_or_default();
         if said.starts_with("ready") && exit.is_clean() {
             // It took over (it owned the listeners and files from then on)
             // and was then stopped on purpose, before we read its message:
@@ -1987,7 +1972,7 @@ impl Master {
             self.upgrade_done();
             return;
         }
-        let reason = match said.lines().next().and_then(|l| l.strip_prefix("error: ")) {
+        let reason = match said.strip_prefix("error: ") {
             Some(r) => format!("the new master failed: {r}"),
             None => format!("the new master (pid {}) {exit}", up.pid),
         };
@@ -2297,23 +2282,29 @@ fn lock_pid_file(path: Option<&std::path::Path>) -> Option<nix::fcntl::Flock<std
         .ok()
 }
 
-/// Reads what a worker wrote to its ready pipe; closes the pipe at EOF.
-fn read_message(child: &mut Child) {
-    let Some(pipe) = child.ready_pipe.take() else {
-        return;
-    };
-    let mut file = std::fs::File::from(pipe);
+/// Reads the one line a child writes on its pipe (`ready`, `error: …`)
+/// and closes the pipe. None, with the pipe kept, while nothing has come
+/// yet; the empty string at EOF without a message or on a read error.
+fn read_pipe_line(pipe: &mut Option<OwnedFd>) -> Option<String> {
+    let mut file = std::fs::File::from(pipe.take()?);
     let mut buf = [0u8; 4096];
     let n = match file.read(&mut buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            child.ready_pipe = Some(file.into());
-            return;
+            *pipe = Some(file.into());
+            return None;
         }
         Err(_) => 0,
     };
     let text = String::from_utf8_lossy(&buf[..n]);
-    let line = text.lines().next().unwrap_or("");
+    Some(text.lines().next().unwrap_or("").to_string())
+}
+
+/// Reads a worker's ready message, once it is there.
+fn read_message(child: &mut Child) {
+    let Some(line) = read_pipe_line(&mut child.ready_pipe) else {
+        return;
+    };
     if line == "ready" {
         child.ready = true;
     } else if let Some(reason) = line.strip_prefix("error: ") {
