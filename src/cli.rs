@@ -48,6 +48,8 @@ pub enum Command {
     Check,
     /// Print the effective config, defaults filled in.
     PrintConfig,
+    /// List the handler plugins this binary has, built in and registered.
+    Plugins,
     /// Show the running master's state (needs `[control] socket`).
     Status {
         /// Print the JSON document instead of a table.
@@ -115,24 +117,30 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
         return code::USAGE;
     }
     match cli.command.as_ref().unwrap_or(&Command::Run) {
-        Command::Check => match load(&cli, registry) {
-            Ok(config) => {
-                println!("{}: configuration is valid", config.source);
-                for s in &config.services {
-                    let listen: Vec<String> = s.addrs.iter().map(ToString::to_string).collect();
-                    println!(
-                        "  service {}: plugin {}, {} workers x {} threads, listen {}",
-                        s.name.get_ref(),
-                        s.handler.plugin.get_ref(),
-                        s.workers.resolve(),
-                        s.threads,
-                        listen.join(", ")
-                    );
+        Command::Check => {
+            match load(&cli, registry).and_then(|c| c.check_plugins(registry).map(|()| c)) {
+                Ok(config) => {
+                    println!("{}: configuration is valid", config.source);
+                    for s in &config.services {
+                        let listen: Vec<String> = s.addrs.iter().map(ToString::to_string).collect();
+                        println!(
+                            "  service {}: plugin {}, {} workers x {} threads, listen {}",
+                            s.name.get_ref(),
+                            s.handler.plugin.get_ref(),
+                            s.workers.resolve(),
+                            s.threads,
+                            listen.join(", ")
+                        );
+                    }
+                    code::OK
                 }
-                code::OK
+                Err(e) => config_error(&e),
             }
-            Err(e) => config_error(&e),
-        },
+        }
+        Command::Plugins => {
+            print!("{}", plugin_table(registry));
+            code::OK
+        }
         Command::PrintConfig => match load(&cli, registry) {
             Ok(config) => {
                 print!("{}", config.to_toml());
@@ -527,6 +535,27 @@ pub fn status_table(v: &Value) -> String {
         }
     }
     out
+}
+
+/// `preforkd plugins`: one line per plugin, name, socket kinds, description.
+fn plugin_table(registry: &Registry) -> String {
+    let width = registry.names().iter().map(|n| n.len()).max().unwrap_or(0);
+    let kinds = registry
+        .plugins()
+        .map(|p| p.kinds().len())
+        .max()
+        .unwrap_or(0);
+    registry
+        .plugins()
+        .map(|p| {
+            format!(
+                "{:width$}  {:kinds$}  {}\n",
+                p.name,
+                p.kinds(),
+                p.description
+            )
+        })
+        .collect()
 }
 
 fn config_error(e: &ConfigError) -> i32 {

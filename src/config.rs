@@ -918,6 +918,48 @@ impl Config {
         Config::parse(EMBEDDED_DEFAULT, Source::Embedded, registry)
     }
 
+    /// Runs each service's plugin check (see
+    /// [`crate::handler::PluginInfo::check`]): what `preforkd check` adds to
+    /// parsing. Never called in the master, which leaves plugins to the
+    /// workers. An error points at the service's `plugin = "…"`.
+    pub fn check_plugins(&self, registry: &Registry) -> Result<(), ConfigError> {
+        let text = match &self.source {
+            Source::File(path) => {
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Source::Embedded => EMBEDDED_DEFAULT.to_owned(),
+        };
+        for svc in &self.services {
+            let plugin = &svc.handler.plugin;
+            let Some(check) = registry.get(plugin.get_ref()).and_then(|p| p.check.clone()) else {
+                continue;
+            };
+            let ctx = crate::handler::PluginContext::new(
+                svc.name.get_ref().as_str(),
+                &svc.handler.options,
+                svc.graceful_timeout,
+            );
+            if let Err(message) = check(&ctx) {
+                let (line, column) = line_col(&text, plugin.span().start);
+                return Err(ConfigError::Invalid {
+                    origin: self.source.clone(),
+                    line,
+                    column,
+                    message: format!(
+                        "service {:?}: plugin {:?}: {}",
+                        svc.name.get_ref(),
+                        plugin.get_ref(),
+                        message.replace('\n', " ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates `text`; `source` names it in errors.
     pub fn parse(text: &str, source: Source, registry: &Registry) -> Result<Config, ConfigError> {
         let locate = |span: Option<std::ops::Range<usize>>, message: String| {

@@ -27,7 +27,6 @@
 //!
 //! ```no_run
 //! use std::io::{self, Write};
-//! use std::sync::Arc;
 //! use preforkd::handler::{Connection, Handlers, PluginInfo, Recv, Registry, StreamHandler};
 //!
 //! struct Upper;
@@ -43,12 +42,9 @@
 //!
 //! fn main() {
 //!     let mut registry = Registry::builtin();
-//!     registry.register(PluginInfo {
-//!         name: "upper".into(),
-//!         stream: true,
-//!         datagram: false,
-//!         factory: Arc::new(|_ctx| Ok(Handlers { stream: Some(Arc::new(Upper)), datagram: None })),
-//!     });
+//!     registry.register(PluginInfo::new("upper", "echo, in capitals", |_ctx| {
+//!         Ok(Handlers::stream(Upper))
+//!     }));
 //!     preforkd::cli::main_with(registry)
 //! }
 //! ```

@@ -106,10 +106,11 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         log::error!("handler panicked{at}: {msg}");
     }));
 
-    let ctx = PluginContext {
-        service: spec.service.name.get_ref().as_str(),
-        options: &spec.service.handler.options,
-    };
+    let ctx = PluginContext::new(
+        spec.service.name.get_ref().as_str(),
+        &spec.service.handler.options,
+        spec.service.graceful_timeout,
+    );
     let handlers = match catch_unwind(AssertUnwindSafe(|| (spec.plugin.factory)(&ctx))) {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => return boot_failed(spec.ready, &reason),

@@ -25,7 +25,6 @@ mod common;
 use std::io::{self, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -89,57 +88,33 @@ impl StreamHandler for Environ {
     }
 }
 
-fn stream_only(handler: impl StreamHandler + 'static) -> Handlers {
-    Handlers {
-        stream: Some(Arc::new(handler)),
-        datagram: None,
-    }
-}
-
 /// The built-in plugins and the four test plugins.
 fn registry() -> Registry {
     let mut r = Registry::builtin();
-    r.register(PluginInfo {
-        name: "failboot".into(),
-        stream: true,
-        datagram: false,
-        factory: Arc::new(|_ctx| Err("database unreachable (test)".into())),
-    });
-    r.register(PluginInfo {
-        name: "flaky".into(),
-        stream: true,
-        datagram: false,
-        factory: Arc::new(|ctx| {
-            ctx.expect_options("flaky", &["flag"])?;
-            let flag = ctx
-                .options
-                .get("flag")
-                .and_then(|v| v.as_str())
-                .ok_or("plugin \"flaky\" needs the option flag = \"PATH\"")?;
-            if Path::new(flag).exists() {
-                return Err(format!("flag file {flag} exists (test)"));
-            }
-            Ok(stream_only(Echo { panicky: false }))
-        }),
-    });
-    r.register(PluginInfo {
-        name: "panicky".into(),
-        stream: true,
-        datagram: false,
-        factory: Arc::new(|_ctx| Ok(stream_only(Echo { panicky: true }))),
-    });
-    r.register(PluginInfo {
-        name: "stubborn".into(),
-        stream: true,
-        datagram: false,
-        factory: Arc::new(|_ctx| Ok(stream_only(Stubborn))),
-    });
-    r.register(PluginInfo {
-        name: "environ".into(),
-        stream: true,
-        datagram: false,
-        factory: Arc::new(|_ctx| Ok(stream_only(Environ))),
-    });
+    r.register(PluginInfo::new("failboot", "test plugin", |_ctx| {
+        Err("database unreachable (test)".into())
+    }));
+    r.register(PluginInfo::new("flaky", "test plugin", |ctx| {
+        ctx.expect_options("flaky", &["flag"])?;
+        let flag = ctx
+            .options
+            .get("flag")
+            .and_then(|v| v.as_str())
+            .ok_or("plugin \"flaky\" needs the option flag = \"PATH\"")?;
+        if Path::new(flag).exists() {
+            return Err(format!("flag file {flag} exists (test)"));
+        }
+        Ok(Handlers::stream(Echo { panicky: false }))
+    }));
+    r.register(PluginInfo::new("panicky", "test plugin", |_ctx| {
+        Ok(Handlers::stream(Echo { panicky: true }))
+    }));
+    r.register(PluginInfo::new("stubborn", "test plugin", |_ctx| {
+        Ok(Handlers::stream(Stubborn))
+    }));
+    r.register(PluginInfo::new("environ", "test plugin", |_ctx| {
+        Ok(Handlers::stream(Environ))
+    }));
     r
 }
 

@@ -63,9 +63,13 @@ impl DatagramHandler for Chargen {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    super::builtin("chargen", || Chargen {
-        cycle: pattern(0, PRINTABLE + 1 + 16 * 1024 / (LINE + 2)),
-    })
+    super::builtin(
+        "chargen",
+        "RFC 864: sends the rotating character pattern until the client closes",
+        || Chargen {
+            cycle: pattern(0, PRINTABLE + 1 + 16 * 1024 / (LINE + 2)),
+        },
+    )
 }
 
 #[cfg(test)]

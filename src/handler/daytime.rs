@@ -27,5 +27,9 @@ impl DatagramHandler for Daytime {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    super::builtin("daytime", || Daytime)
+    super::builtin(
+        "daytime",
+        "RFC 867: sends the date and time, then closes",
+        || Daytime,
+    )
 }

@@ -29,5 +29,9 @@ impl DatagramHandler for Discard {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    super::builtin("discard", || Discard)
+    super::builtin(
+        "discard",
+        "RFC 863: reads and throws away everything",
+        || Discard,
+    )
 }

@@ -29,5 +29,7 @@ impl DatagramHandler for Echo {
 }
 
 pub(super) fn plugin() -> PluginInfo {
-    super::builtin("echo", || Echo)
+    super::builtin("echo", "RFC 862: sends back every byte it receives", || {
+        Echo
+    })
 }

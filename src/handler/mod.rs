@@ -44,7 +44,14 @@ pub trait DatagramHandler: Send + Sync {
 
 /// What a plugin's factory returns: a handler for each kind of socket it
 /// serves (as declared in its [`PluginInfo`]).
+///
+/// Non-exhaustive, so that a later worker mode (an event-driven worker that
+/// multiplexes many connections per thread, as the tutorial's gevent
+/// server does) can add a kind of handler without breaking plugins: build
+/// it with [`Handlers::stream`], [`Handlers::datagram`] or
+/// [`Handlers::both`].
 #[derive(Default)]
+#[non_exhaustive]
 pub struct Handlers {
     /// For tcp and unix listeners.
     pub stream: Option<Arc<dyn StreamHandler>>,
@@ -52,12 +59,59 @@ pub struct Handlers {
     pub datagram: Option<Arc<dyn DatagramHandler>>,
 }
 
-/// What a plugin's factory is given, in the worker, after fork.
+impl Handlers {
+    /// A plugin that serves stream sockets only.
+    pub fn stream(h: impl StreamHandler + 'static) -> Handlers {
+        Handlers {
+            stream: Some(Arc::new(h)),
+            datagram: None,
+        }
+    }
+
+    /// A plugin that serves datagram sockets only.
+    pub fn datagram(h: impl DatagramHandler + 'static) -> Handlers {
+        Handlers {
+            stream: None,
+            datagram: Some(Arc::new(h)),
+        }
+    }
+
+    /// One object serving both kinds.
+    pub fn both<H: StreamHandler + DatagramHandler + 'static>(h: H) -> Handlers {
+        let h = Arc::new(h);
+        Handlers {
+            stream: Some(h.clone()),
+            datagram: Some(h),
+        }
+    }
+}
+
+/// What a plugin's factory (in the worker, after fork) and its check (in
+/// `preforkd check`) are given.
+#[non_exhaustive]
 pub struct PluginContext<'a> {
     /// The service's name.
     pub service: &'a str,
     /// `[service.handler.options]`.
     pub options: &'a toml::Table,
+    /// The service's `graceful_timeout`: how long a stopping worker's
+    /// connections may take before the master kills it.
+    pub graceful_timeout: Duration,
+}
+
+impl<'a> PluginContext<'a> {
+    /// A context for `service` with these options.
+    pub fn new(
+        service: &'a str,
+        options: &'a toml::Table,
+        graceful_timeout: Duration,
+    ) -> PluginContext<'a> {
+        PluginContext {
+            service,
+            options,
+            graceful_timeout,
+        }
+    }
 }
 
 impl PluginContext<'_> {
@@ -84,17 +138,73 @@ impl PluginContext<'_> {
 /// message the master reports.
 pub type Factory = Arc<dyn Fn(&PluginContext<'_>) -> Result<Handlers, String> + Send + Sync>;
 
-/// A named plugin.
+/// Validates a plugin's options without running the plugin, for `preforkd
+/// check` (a program exists and is executable, a library's permissions and
+/// ABI version). Never called in the master.
+pub type Checker = Arc<dyn Fn(&PluginContext<'_>) -> Result<(), String> + Send + Sync>;
+
+/// A named plugin. Build it with [`PluginInfo::new`] (it is
+/// non-exhaustive, so that fields can be added without breaking plugins).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct PluginInfo {
     /// The name used in `plugin = "…"`.
     pub name: String,
+    /// One line for `preforkd plugins`.
+    pub description: String,
     /// Whether it serves stream sockets (tcp, unix).
     pub stream: bool,
     /// Whether it serves datagram sockets (udp, unixgram).
     pub datagram: bool,
     /// Runs in the worker to build the handlers.
     pub factory: Factory,
+    /// Validates the options for `preforkd check`, if the plugin can.
+    pub check: Option<Checker>,
+}
+
+impl PluginInfo {
+    /// A plugin named `name` that serves stream sockets (call
+    /// [`PluginInfo::serves`] to change that), built in each worker by
+    /// `factory`.
+    pub fn new<F>(name: impl Into<String>, description: impl Into<String>, factory: F) -> PluginInfo
+    where
+        F: Fn(&PluginContext<'_>) -> Result<Handlers, String> + Send + Sync + 'static,
+    {
+        PluginInfo {
+            name: name.into(),
+            description: description.into(),
+            stream: true,
+            datagram: false,
+            factory: Arc::new(factory),
+            check: None,
+        }
+    }
+
+    /// Which kinds of socket it serves.
+    pub fn serves(mut self, stream: bool, datagram: bool) -> PluginInfo {
+        self.stream = stream;
+        self.datagram = datagram;
+        self
+    }
+
+    /// Adds a check of its options for `preforkd check`.
+    pub fn with_check<C>(mut self, check: C) -> PluginInfo
+    where
+        C: Fn(&PluginContext<'_>) -> Result<(), String> + Send + Sync + 'static,
+    {
+        self.check = Some(Arc::new(check));
+        self
+    }
+
+    /// What `preforkd plugins` says the plugin serves.
+    pub fn kinds(&self) -> &'static str {
+        match (self.stream, self.datagram) {
+            (true, true) => "stream, datagram",
+            (true, false) => "stream",
+            (false, true) => "datagram",
+            (false, false) => "nothing",
+        }
+    }
 }
 
 impl fmt::Debug for PluginInfo {
@@ -103,29 +213,23 @@ impl fmt::Debug for PluginInfo {
             .field("name", &self.name)
             .field("stream", &self.stream)
             .field("datagram", &self.datagram)
-            .finish()
+            .field("description", &self.description)
+            .finish_non_exhaustive()
     }
 }
 
 /// A built-in plugin: no options, and one object that serves both streams
 /// and datagrams, made by `make` in each worker.
-fn builtin<T>(name: &'static str, make: fn() -> T) -> PluginInfo
+fn builtin<T>(name: &'static str, description: &'static str, make: fn() -> T) -> PluginInfo
 where
     T: StreamHandler + DatagramHandler + 'static,
 {
-    PluginInfo {
-        name: name.into(),
-        stream: true,
-        datagram: true,
-        factory: Arc::new(move |ctx| {
-            ctx.expect_options(name, &[])?;
-            let handler = Arc::new(make());
-            Ok(Handlers {
-                stream: Some(handler.clone()),
-                datagram: Some(handler),
-            })
-        }),
-    }
+    PluginInfo::new(name, description, move |ctx| {
+        ctx.expect_options(name, &[])?;
+        Ok(Handlers::both(make()))
+    })
+    .serves(true, true)
+    .with_check(move |ctx| ctx.expect_options(name, &[]))
 }
 
 /// The plugins a binary knows, by name.
@@ -164,6 +268,11 @@ impl Registry {
     /// All names, sorted.
     pub fn names(&self) -> Vec<&str> {
         self.plugins.keys().map(String::as_str).collect()
+    }
+
+    /// All plugins, sorted by name.
+    pub fn plugins(&self) -> impl Iterator<Item = &PluginInfo> {
+        self.plugins.values()
     }
 }
 
