@@ -24,9 +24,48 @@ mod daytime;
 mod discard;
 mod echo;
 
-/// Handles one stream connection at a time (a worker thread calls it once
-/// per accepted connection). Implementations must be shareable across the
-/// worker's accept threads.
+/// Handles one stream connection (socketserver's `StreamRequestHandler`):
+/// a worker thread calls it once per accepted connection.
+///
+/// One object serves every connection of a worker, from all its accept
+/// threads at once, so it takes `&self` and must be `Send + Sync`; state
+/// per connection lives in `handle`'s locals. Nothing in the trait assumes
+/// a thread per connection: everything a handler learns about its
+/// connection comes through [`Connection`], so a later event-driven worker
+/// mode (many connections per thread, as gevent's server has) can be added
+/// as a new kind of handler in [`Handlers`] (non-exhaustive for that
+/// reason) without changing this one.
+///
+/// ```no_run
+/// use std::io::{self, Write};
+/// use preforkd::handler::{Connection, Handlers, PluginInfo, Recv, Registry, StreamHandler};
+///
+/// /// Greets each line with the service's name and the caller's address.
+/// struct Greeter;
+///
+/// impl StreamHandler for Greeter {
+///     fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+///         let mut line = Vec::new();
+///         loop {
+///             line.clear();
+///             match conn.recv_line(&mut line, 4096)? {
+///                 Recv::Data(_) => {
+///                     let hello = format!("{} says hello to {}\n", conn.service(), conn.peer_addr());
+///                     conn.write_all(hello.as_bytes())?;
+///                 }
+///                 Recv::Eof | Recv::Shutdown => return Ok(()),
+///             }
+///         }
+///     }
+/// }
+///
+/// let mut registry = Registry::builtin();
+/// registry.register(PluginInfo::new("greeter", "greets every line", |ctx| {
+///     ctx.expect_options("greeter", &[])?;
+///     Ok(Handlers::stream(Greeter))
+/// }));
+/// assert!(registry.get("greeter").is_some());
+/// ```
 pub trait StreamHandler: Send + Sync {
     /// Serves `conn` until the exchange is over. Return at a request boundary
     /// once [`Connection::shutting_down`] is true (or [`Connection::recv`]
@@ -36,6 +75,27 @@ pub trait StreamHandler: Send + Sync {
 }
 
 /// Answers datagrams (socketserver's DatagramRequestHandler).
+///
+/// ```
+/// use std::io;
+/// use preforkd::handler::{Datagram, DatagramHandler, Handlers, PluginInfo};
+///
+/// /// Answers every datagram with its length, in decimal.
+/// struct Length;
+///
+/// impl DatagramHandler for Length {
+///     fn handle(&self, datagram: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool> {
+///         reply.extend_from_slice(datagram.data.len().to_string().as_bytes());
+///         Ok(true)
+///     }
+/// }
+///
+/// let plugin = PluginInfo::new("length", "the length of each datagram", |_ctx| {
+///     Ok(Handlers::datagram(Length))
+/// })
+/// .serves(false, true);
+/// assert_eq!(plugin.kinds(), "datagram");
+/// ```
 pub trait DatagramHandler: Send + Sync {
     /// Handles one datagram; writes the answer into `reply` and returns true
     /// to send it back to the sender, false to send nothing.
@@ -406,6 +466,11 @@ pub struct Connection<'a> {
     eof: bool,
     /// The client has sent something: it has had its first exchange.
     received: bool,
+    /// Input read ahead by [`Connection::recv_line`] or [`BufRead`], not yet
+    /// handed out: `inbuf[inpos..]`. Empty (and never allocated) for
+    /// handlers that only use `recv` and `Read`.
+    inbuf: Vec<u8>,
+    inpos: usize,
 }
 
 impl<'a> Connection<'a> {
@@ -417,6 +482,29 @@ impl<'a> Connection<'a> {
             service,
             eof: false,
             received: false,
+            inbuf: Vec::new(),
+            inpos: 0,
+        }
+    }
+
+    /// Input read ahead and not yet handed out.
+    fn buffered(&self) -> &[u8] {
+        &self.inbuf[self.inpos..]
+    }
+
+    /// Hands out up to `buf.len()` bytes of read-ahead input.
+    fn take_buffered(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.buffered().len().min(buf.len());
+        buf[..n].copy_from_slice(&self.inbuf[self.inpos..self.inpos + n]);
+        self.consume_buffered(n);
+        n
+    }
+
+    fn consume_buffered(&mut self, n: usize) {
+        self.inpos += n;
+        if self.inpos >= self.inbuf.len() {
+            self.inbuf.clear();
+            self.inpos = 0;
         }
     }
 
@@ -442,6 +530,9 @@ impl<'a> Connection<'a> {
 
     /// Whether input (or the client's EOF) is there to read right now.
     fn readable_now(&self) -> bool {
+        if !self.buffered().is_empty() {
+            return true;
+        }
         let mut fds = [nix::poll::PollFd::new(
             self.stream.as_fd(),
             nix::poll::PollFlags::POLLIN,
@@ -470,6 +561,85 @@ impl<'a> Connection<'a> {
                 "recv() needs a non-empty buffer",
             ));
         }
+        if !self.buffered().is_empty() {
+            return Ok(Recv::Data(self.take_buffered(buf)));
+        }
+        self.recv_socket(buf)
+    }
+
+    /// Reads one line (up to and including `\n`) into `line`, for line
+    /// protocols: socketserver's `self.rfile.readline()`, with the request
+    /// boundary rule of [`Connection::recv`].
+    ///
+    /// Returns [`Recv::Data`] with the bytes appended to `line` when a whole
+    /// line has arrived, or when `max` bytes have arrived without a newline
+    /// (the rest of that line comes with the next call). Returns
+    /// [`Recv::Eof`] when the client closes (an unfinished last line is
+    /// dropped), and [`Recv::Shutdown`] when the worker is stopping and no
+    /// part of a next line has arrived. Once part of a line has arrived, it
+    /// waits for the rest whatever the stop (the worker's `graceful_timeout`
+    /// bounds that). Input beyond the line stays buffered for the next call,
+    /// and for `recv` and `Read`.
+    ///
+    /// ```no_run
+    /// # use preforkd::handler::{Connection, Recv};
+    /// # use std::io::Write;
+    /// # fn handle(conn: &mut Connection) -> std::io::Result<()> {
+    /// let mut line = Vec::new();
+    /// loop {
+    ///     line.clear();
+    ///     match conn.recv_line(&mut line, 1024)? {
+    ///         Recv::Data(_) => conn.write_all(&line.to_ascii_uppercase())?,
+    ///         Recv::Eof | Recv::Shutdown => return Ok(()),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn recv_line(&mut self, line: &mut Vec<u8>, max: usize) -> io::Result<Recv> {
+        let max = max.max(1);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let pending = self.buffered();
+            let limit = pending.len().min(max);
+            if let Some(i) = pending[..limit].iter().position(|&b| b == b'\n') {
+                line.extend_from_slice(&pending[..=i]);
+                self.consume_buffered(i + 1);
+                return Ok(Recv::Data(i + 1));
+            }
+            if pending.len() >= max {
+                line.extend_from_slice(&pending[..max]);
+                self.consume_buffered(max);
+                return Ok(Recv::Data(max));
+            }
+            let partial = !pending.is_empty();
+            let got = if partial {
+                // Mid-line: the rest is owed, whatever the stop.
+                match Read::read(&mut self.stream_reader(), &mut chunk)? {
+                    0 => Recv::Eof,
+                    n => Recv::Data(n),
+                }
+            } else {
+                self.recv_socket(&mut chunk)?
+            };
+            match got {
+                Recv::Data(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Recv::Eof => {
+                    self.eof = true;
+                    self.consume_buffered(self.buffered().len());
+                    return Ok(Recv::Eof);
+                }
+                Recv::Shutdown => return Ok(Recv::Shutdown),
+            }
+        }
+    }
+
+    /// Blocking reads straight from the socket, bypassing the read-ahead.
+    fn stream_reader(&mut self) -> SocketReader<'_> {
+        SocketReader(&self.stream)
+    }
+
+    /// [`Connection::recv`] on the socket itself.
+    fn recv_socket(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
         loop {
             let stopping = sys::shutdown_requested();
             if stopping && self.received && !self.readable_now() {
@@ -516,6 +686,7 @@ impl<'a> Connection<'a> {
     /// Reads and throws away whatever input has already arrived, without
     /// waiting (for handlers such as chargen that ignore their input).
     pub fn discard_input(&mut self) -> io::Result<()> {
+        self.consume_buffered(self.buffered().len());
         let mut buf = [0u8; 4096];
         loop {
             match self.stream.read_pending(&mut buf) {
@@ -556,20 +727,54 @@ impl<'a> Connection<'a> {
     }
 }
 
+/// Blocking reads from a connection's socket, waking every [`TICK`].
+struct SocketReader<'s>(&'s Stream);
+
+impl Read for SocketReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read_some(buf) {
+                Err(e) if is_tick(&e) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Blocking reads: wait for input or end of stream, ignoring the shutdown
 /// signal (use [`Connection::recv`] to stop at request boundaries).
 impl Read for Connection<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.stream.read_some(buf) {
-                Err(e) if is_tick(&e) => {}
-                Ok(0) if !buf.is_empty() => {
-                    self.eof = true;
-                    return Ok(0);
-                }
-                other => return other,
-            }
+        if !self.buffered().is_empty() {
+            return Ok(self.take_buffered(buf));
         }
+        let n = self.stream_reader().read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Buffered blocking reads (`read_line`, `lines`, `read_until`), as
+/// socketserver's `StreamRequestHandler.rfile`. They wait for input
+/// whatever the stop; [`Connection::recv_line`] is the line reader that
+/// stops at request boundaries.
+impl io::BufRead for Connection<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.buffered().is_empty() {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream_reader().read(&mut chunk)?;
+            if n == 0 {
+                self.eof = true;
+            }
+            self.inbuf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(self.buffered())
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.consume_buffered(amt.min(self.buffered().len()));
     }
 }
 

@@ -473,3 +473,50 @@ pub fn spawn_retrying(cmd: &mut Command) -> Child {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The menu dialogue of docs/MENU.md, one checker for every implementation.
+
+pub const MENU_BANNER: &str =
+    "Welcome to the preforkd menu. Please choose: 0 to talk to an operator, exit to leave.\n";
+pub const MENU_OPERATOR: &str = "Your call is being transferred to an operator.\n";
+pub const MENU_AGAIN: &str =
+    "Invalid choice. Please choose again: 0 to talk to an operator, exit to leave.\n";
+pub const MENU_GOODBYE: &str = "Goodbye.\n";
+
+/// Reads one `\n`-terminated line, byte by byte (nothing read past it).
+pub fn read_line(s: &mut impl Read) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if s.read(&mut b)? == 0 {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Runs docs/MENU.md's transcript, plus a `\r\n` choice with spaces and
+/// pipelined choices, then checks the server closes after `Goodbye.`.
+pub fn menu_dialogue<S: Read + Write>(mut s: S) {
+    assert_eq!(read_line(&mut s).unwrap(), MENU_BANNER);
+    for (send, expect) in [
+        ("hello\n", MENU_AGAIN),
+        ("0\n", MENU_OPERATOR),
+        ("  0 \r\n", MENU_OPERATOR),
+        ("\n", MENU_AGAIN),
+        ("00\n", MENU_AGAIN),
+    ] {
+        s.write_all(send.as_bytes()).unwrap();
+        assert_eq!(read_line(&mut s).unwrap(), expect, "answer to {send:?}");
+    }
+    // Two choices in one write, the second one split across writes.
+    s.write_all(b"0\nex").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), MENU_OPERATOR);
+    s.write_all(b"it\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), MENU_GOODBYE);
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "more after Goodbye: {rest:?}");
+}
