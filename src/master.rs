@@ -734,6 +734,8 @@ impl Master {
         );
         self.spawn_missing();
         self.spawn_metrics();
+        // A config of ondemand pools only has no worker to wait for.
+        self.check_start();
         loop {
             // Records a TCP syslog connection still holds (nonblocking).
             log::logger().flush();
