@@ -8,8 +8,9 @@
 //! HTTP is kept minimal and bounded: one request per connection (`Connection:
 //! close`), the request head read with a 5 s timeout and at most 8 KiB,
 //! GET or HEAD of `/metrics` (a query string is ignored) answered 200, any
-//! other path 404, any other method 405, a malformed head 400. Connections
-//! are served one after the other; a scrape is a few kilobytes.
+//! other path 404, any other method 405, a malformed head 400. Each
+//! connection is served in a thread of its own (at most 8 at once), so a
+//! slow client delays no other scrape.
 //!
 //! Owns (in the child): its copy of the metrics socket and the connection
 //! it serves; the last value of each connection counter it reported.
@@ -19,6 +20,8 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::unistd::Pid;
@@ -31,6 +34,8 @@ use crate::sys;
 
 /// Longest request head read.
 const MAX_HEAD: usize = 8 * 1024;
+/// Clients served at once, each in a thread of its own.
+const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its request, and to read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -77,36 +82,60 @@ pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
     }
     sys::set_title("preforkd: metrics");
     let listener = std::net::TcpListener::from(spec.listener);
-    let mut last = HashMap::new();
+    let last = Mutex::new(HashMap::new());
+    let busy = AtomicUsize::new(0);
     let mut fds = [
         nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
         nix::poll::PollFd::new(sys::shutdown_fd(), nix::poll::PollFlags::POLLIN),
     ];
-    while !sys::shutdown_requested() {
-        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                log::error!("metrics: poll() failed: {e}");
-                return code::SETUP_ERROR;
-            }
-        }
-        if sys::shutdown_requested() {
-            break;
-        }
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                if let Err(e) = serve(stream, spec.stats, spec.board, &mut last) {
-                    log::debug!("metrics: {peer}: {e}");
+    std::thread::scope(|scope| {
+        while !sys::shutdown_requested() {
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    log::error!("metrics: poll() failed: {e}");
+                    return code::SETUP_ERROR;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                log::warn!("metrics: accept() failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+            if sys::shutdown_requested() {
+                break;
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    log::warn!("metrics: accept() failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let (stats, board, last) = (spec.stats, spec.board, &last);
+            let job = move |stream| {
+                if let Err(e) = serve(stream, stats, board, last) {
+                    log::debug!("metrics: {peer}: {e}");
+                }
+            };
+            // A slow client gets a thread of its own, so that it delays no
+            // other scrape; past MAX_CLIENTS they wait their turn.
+            let busy = &busy;
+            if busy.fetch_add(1, Ordering::SeqCst) < MAX_CLIENTS {
+                let spawned = std::thread::Builder::new()
+                    .name("scrape".into())
+                    .spawn_scoped(scope, move || {
+                        job(stream);
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    log::warn!("metrics: cannot start a thread: {e}");
+                }
+            } else {
+                job(stream);
+                busy.fetch_sub(1, Ordering::SeqCst);
             }
         }
-    }
-    code::OK
+        code::OK
+    })
 }
 
 /// Answers one request.
@@ -114,7 +143,7 @@ fn serve(
     mut stream: TcpStream,
     stats: &Stats,
     board: &Scoreboard,
-    last: &mut HashMap<String, u64>,
+    last: &Mutex<HashMap<String, u64>>,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -143,7 +172,8 @@ fn serve(
             } else if path != "/metrics" {
                 (404, "not found: metrics are at /metrics\n".to_string())
             } else {
-                let text = render(&stats.snapshot(), board, last);
+                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                let text = render(&stats.snapshot(), board, &mut last);
                 (
                     200,
                     if method == "HEAD" {
