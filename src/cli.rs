@@ -514,6 +514,20 @@ pub fn status_table(v: &Value) -> String {
             svc["size"],
             listeners.join(", ")
         );
+        if let Some(kind) = svc["pool"].as_str() {
+            let mut line = format!("  pool {kind}: {} idle, {} busy", svc["idle"], svc["busy"]);
+            if let Some(max) = svc["max_workers"].as_u64() {
+                let _ = write!(
+                    line,
+                    "; max_workers {max}, reached {} times",
+                    svc["pool_at_max"]
+                );
+            }
+            if let Some(pid) = svc["recycling"].as_i64() {
+                let _ = write!(line, "; recycling pid {pid}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
         let _ = writeln!(
             out,
             "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",

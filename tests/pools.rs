@@ -63,6 +63,12 @@ fn dynamic_grows_under_a_burst_and_shrinks_after() {
         s["size"] == 6 && s["busy"] == 6 && s["pool_at_max"].as_u64() >= Some(1)
     });
     assert_eq!(svc(&v, "dyn")["idle"], 0);
+    let out = cli(&d, &["status"]);
+    assert!(
+        stdout(&out).contains("\n  pool dynamic: 0 idle, 6 busy; max_workers 6, reached "),
+        "{}",
+        show(&out)
+    );
     let log = d.log_text();
     assert!(log.contains("fewer than min_spare 1; starting"), "{log}");
     assert!(
