@@ -1201,7 +1201,7 @@ impl Master {
         crate::log::reopen();
         // Signalled before the line is written: whoever reads it knows
         // every worker has the request pending.
-        for pid in self.children.keys() {
+        for pid in self.children.keys().chain(&self.metrics.pid) {
             let _ = kill(*pid, Signal::SIGUSR1);
         }
         log::info!(

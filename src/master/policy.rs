@@ -194,7 +194,16 @@ impl Master {
             match self.pools[p].config.pool_kind() {
                 PoolKind::Static => {}
                 PoolKind::Dynamic => self.dynamic_step(p, now),
-                PoolKind::Ondemand => self.retire_idle(p, now),
+                PoolKind::Ondemand => {
+                    // Counted when a connection waits (on_demand); a free
+                    // worker ends the episode.
+                    let c = self.counts(p);
+                    let top = self.pools[p].config.pool_bounds().2 as usize;
+                    if self.pools[p].size() < top || c.idle > 0 {
+                        self.pools[p].at_max = false;
+                    }
+                    self.retire_idle(p, now);
+                }
             }
             if self.config.metrics.listen.is_some() {
                 self.sample_queue(p);
