@@ -299,3 +299,37 @@ fn a_garbage_request_gets_400_and_the_endpoint_keeps_serving() {
     assert_eq!(code, 200);
     drop(idle);
 }
+
+/// A binary upgrade hands the metrics socket over: the same URL answers,
+/// from the new master's metrics process, with its generation.
+#[test]
+fn the_endpoint_survives_a_binary_upgrade() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let mut d = Daemon::start(&format!(
+        "[daemon]\npid_file = \"{{dir}}/preforkd.pid\"\n\n{CONTROL}[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"
+    ));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let addr = d.addr("tcp", "echo");
+    echo_once(addr, b"before\n").unwrap();
+    let s = scrape(&url);
+    assert_eq!(get(&s, "preforkd_generation", ""), 1.0);
+    let first = metrics_pid(&d);
+    let old = d.pid();
+    d.signal(libc::SIGUSR2);
+    assert_eq!(d.wait_exit(DEADLINE).code(), Some(0), "{}", d.log_text());
+    let new = pid_file_pid(&d.path("preforkd.pid")).unwrap();
+    assert_ne!(new, old);
+    assert!(
+        wait_for(DEADLINE, || (!alive(first)).then_some(())).is_some(),
+        "the old master's metrics process is still running"
+    );
+    let s = wait_scrape(&d, &url, "the new master's counters", |s| {
+        get(s, "preforkd_generation", "") == 2.0
+    });
+    assert_eq!(get(&s, "preforkd_workers", "service=echo,state=idle"), 1.0);
+    let served_by = metrics_pid(&d);
+    assert_ne!(served_by, first);
+    assert_eq!(title(served_by), "preforkd: metrics");
+    assert!(children(new).contains(&served_by), "{}", d.log_text());
+}
