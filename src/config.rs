@@ -723,6 +723,14 @@ impl ServiceConfig {
                         ),
                     ));
                 }
+                if let Workers::Count(n) = self.workers {
+                    return Err((
+                        pool_span,
+                        format!(
+                            "service {name:?}: workers = {n} does not apply to pool = \"ondemand\", which starts with none: remove it (max_workers bounds the pool)"
+                        ),
+                    ));
+                }
                 Ok(())
             }
         }
@@ -1778,6 +1786,11 @@ plugin = "echo"
         )
         .unwrap_err();
         assert!(e.contains("workers = 9 (the dynamic pool's start size) is outside min_spare..=max_workers (2..=8)"), "{e}");
+        let e = with_pool("pool = \"ondemand\"\nmax_workers = 4\nworkers = 2").unwrap_err();
+        assert!(
+            e.contains("workers = 2 does not apply to pool = \"ondemand\""),
+            "{e}"
+        );
         let e = with_pool("pool = \"ondemand\"").unwrap_err();
         assert!(
             e.starts_with("t.toml:4:8: service \"a\": pool = \"ondemand\" needs max_workers"),

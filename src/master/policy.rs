@@ -499,7 +499,7 @@ impl Master {
                 && let Some(rss) = sys::resident_bytes(pid.as_raw())
                 && rss > ch.rss_limit
             {
-                let jitter = ch.rss_limit - max_memory.bytes();
+                let jitter = ch.rss_limit.saturating_sub(max_memory.bytes());
                 let limit = if jitter > 0 {
                     format!(
                         "max_memory {} + jitter {}",
