@@ -37,6 +37,19 @@ fn served(s: &mut TcpStream) {
     assert_eq!(&buf, b"hold\n");
 }
 
+/// User + system CPU time of a process, in clock ticks (/proc/PID/stat).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 #[test]
 fn dynamic_grows_under_a_burst_and_shrinks_after() {
     let config = service(
@@ -147,6 +160,15 @@ fn ondemand_starts_with_none_forks_on_a_connection_and_retires_idle() {
         let s = svc(v, "od");
         s["size"] == 2 && s["busy"] == 2 && s["pool_at_max"].as_u64() >= Some(1)
     });
+    // A listener that stays readable (the third connection waits) does
+    // not spin the master: time must pass here, it is what is observed.
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(d.pid()) - before;
+    assert!(
+        used < 50,
+        "the master used {used} clock ticks of CPU in 2 s while a connection waited"
+    );
     drop(a);
     served(&mut c);
     drop((b, c));
