@@ -83,7 +83,17 @@ fn dynamic_grows_under_a_burst_and_shrinks_after() {
         show(&out)
     );
     let log = d.log_text();
-    assert!(log.contains("fewer than min_spare 1; starting"), "{log}");
+    // 1, then 2 while the shortage lasts (then capped by max_workers).
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fewer than min_spare 1; starting "))
+        .collect();
+    assert!(
+        steps.len() >= 2
+            && steps[0].contains("; starting 1 (")
+            && steps[1].contains("; starting 2 ("),
+        "{log}"
+    );
     assert!(
         log.contains("all 6 workers (max_workers) are busy"),
         "{log}"

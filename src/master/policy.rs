@@ -154,7 +154,8 @@ pub(super) fn exit_cause(child: &Child, exit: ChildExit) -> ExitCause {
 }
 
 /// How many workers a dynamic pool starts now: none without a shortage,
-/// else the step's rate, bounded by the shortage and by `max_workers`.
+/// else the step's rate (as Apache's prefork: 1, 2, 4, … while the
+/// shortage lasts, whatever its size), bounded by `max_workers`.
 pub fn dynamic_growth(
     spare: usize,
     min_spare: usize,
@@ -165,7 +166,7 @@ pub fn dynamic_growth(
     if spare >= min_spare || total >= top {
         return 0;
     }
-    (rate as usize).min(min_spare - spare).min(top - total)
+    (rate as usize).min(top - total)
 }
 
 fn mib(bytes: u64) -> String {
@@ -366,6 +367,11 @@ impl Master {
                 pool.rate = (pool.rate * 2).min(MAX_SPAWN_RATE);
                 pool.grow_at = Some(now + TICK);
             }
+            return;
+        }
+        if c.idle < min {
+            // Enough only counting the workers still starting: the
+            // shortage is not over yet, the rate stays.
             return;
         }
         pool.rate = 1;
@@ -748,10 +754,10 @@ mod tests {
     fn dynamic_growth_doubles_within_the_bounds() {
         // No shortage: nothing.
         assert_eq!(dynamic_growth(2, 2, 4, 10, 8), 0);
-        // Shortage of 3 at rate 1, 2, 4: 1, 2, then 3 (the shortage).
-        assert_eq!(dynamic_growth(0, 3, 4, 10, 1), 1);
-        assert_eq!(dynamic_growth(0, 3, 4, 10, 2), 2);
-        assert_eq!(dynamic_growth(0, 3, 4, 10, 4), 3);
+        // A shortage, at rate 1, 2, 4: the rate, whatever the shortage.
+        assert_eq!(dynamic_growth(0, 1, 2, 20, 1), 1);
+        assert_eq!(dynamic_growth(0, 1, 3, 20, 2), 2);
+        assert_eq!(dynamic_growth(1, 3, 5, 20, 4), 4);
         // Bounded by max_workers.
         assert_eq!(dynamic_growth(0, 8, 9, 10, 32), 1);
         assert_eq!(dynamic_growth(0, 8, 10, 10, 32), 0);
