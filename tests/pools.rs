@@ -59,6 +59,14 @@ fn dynamic_grows_under_a_burst_and_shrinks_after() {
         "pool = \"dynamic\"\nworkers = 2\nmin_spare = 1\nmax_spare = 2\nmax_workers = 6",
     );
     let d = Daemon::start(&format!("{CONTROL}{config}"));
+    let out = cli(&d, &["check"]);
+    assert!(
+        stdout(&out).contains(
+            "service dyn: plugin echo, dynamic pool of 2 to 6 workers (1 to 2 idle) x 1 threads"
+        ),
+        "{}",
+        show(&out)
+    );
     d.wait_ready();
     let addr = d.addr("tcp", "dyn");
     let v = wait_settled(&d);
