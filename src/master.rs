@@ -10,7 +10,10 @@
 //! on signals by priority (fast stop, graceful stop, reload, upgrade,
 //! scaling) → commit a reload whose generation is ready → enforce deadlines
 //! → exit when stopping and no child is left → start a pending reload or
-//! upgrade → spawn what the pools lack. Apart from poll, the only wait is
+//! upgrade → apply the pool policy (src/master/policy.rs: dynamic and
+//! ondemand sizes, recycling by memory and age, on a 1 s maintenance tick
+//! and when an ondemand service's listener is readable) → spawn what the
+//! pools lack (and the `[metrics]` process). Apart from poll, the only wait is
 //! `std::process::Command::spawn` for the exec of a binary upgrade.
 //!
 //! The service manager hears of every transition (src/systemd.rs): `READY=1`
