@@ -333,3 +333,50 @@ fn the_endpoint_survives_a_binary_upgrade() {
     assert_eq!(title(served_by), "preforkd: metrics");
     assert!(children(new).contains(&served_by), "{}", d.log_text());
 }
+
+/// A reload that moves the endpoint binds the new address (the reload's
+/// log line names it), serves there, and closes the old one; a reload that
+/// removes `[metrics]` stops the metrics process.
+#[test]
+fn a_reload_moves_or_removes_the_endpoint() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let with = |port: u16| format!("{CONTROL}[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n{echo}");
+    let d = Daemon::start(&with(0));
+    d.wait_ready();
+    let old_url = metrics_url(&d);
+    scrape(&old_url);
+    // A free port for the new address (reserved, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    d.write_config(&with(port));
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let line = d.wait_log("): metrics: serving http://");
+    let new_url = format!("http://127.0.0.1:{port}/metrics");
+    assert!(line.ends_with(&new_url), "{line}");
+    let s = wait_scrape(&d, &new_url, "generation 2", |s| {
+        get(s, "preforkd_generation", "") == 2.0
+    });
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=ok"), 1.0);
+    let old_addr: std::net::SocketAddr = old_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap();
+    wait_for(DEADLINE, || connect(old_addr).is_err().then_some(()))
+        .unwrap_or_else(|| panic!("the old metrics address still accepts:\n{}", d.log_text()));
+
+    let pid = metrics_pid(&d);
+    d.write_config(&format!("{CONTROL}{echo}"));
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_for(DEADLINE, || (!alive(pid)).then_some(()))
+        .unwrap_or_else(|| panic!("the metrics process outlived [metrics]:\n{}", d.log_text()));
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for(DEADLINE, || connect(new_addr).is_err().then_some(()))
+        .unwrap_or_else(|| panic!("the metrics address still accepts:\n{}", d.log_text()));
+    echo_once(d.addr("tcp", "echo"), b"still\n").unwrap();
+}
