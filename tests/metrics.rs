@@ -380,3 +380,37 @@ fn a_reload_moves_or_removes_the_endpoint() {
         .unwrap_or_else(|| panic!("the metrics address still accepts:\n{}", d.log_text()));
     echo_once(d.addr("tcp", "echo"), b"still\n").unwrap();
 }
+
+/// With `[daemon] user`, the metrics process drops privileges as workers
+/// do, and still serves (it only reads shared memory).
+#[test]
+fn the_metrics_process_runs_as_the_workers_user() {
+    // SAFETY: geteuid(2) has no memory effects and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping privileges needs root (CI runs this as root)");
+        return;
+    }
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!(
+        "[daemon]\nuser = \"nobody\"\ngroup = \"nogroup\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"
+    ));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let s = wait_scrape(&d, &url, "a ready worker", |s| {
+        get(s, "preforkd_workers", "service=echo,state=idle") == 1.0
+    });
+    assert_eq!(get(&s, "preforkd_generation", ""), 1.0);
+    let pid = metrics_pid(&d);
+    let worker = d.workers().into_iter().find(|p| *p != pid).unwrap();
+    let ids = |pid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (m, w) = (ids(pid), ids(worker));
+    assert_eq!(m, w, "the metrics process and a worker differ");
+    assert!(!m[0].split_whitespace().skip(1).any(|u| u == "0"), "{m:?}");
+}
