@@ -123,11 +123,23 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
                     println!("{}: configuration is valid", config.source);
                     for s in &config.services {
                         let listen: Vec<String> = s.addrs.iter().map(ToString::to_string).collect();
+                        let (min, max, top) = s.pool_bounds();
+                        let workers = match s.pool_kind() {
+                            crate::config::PoolKind::Static => {
+                                format!("{} workers", s.workers.resolve())
+                            }
+                            crate::config::PoolKind::Dynamic => format!(
+                                "dynamic pool of {} to {top} workers ({min} to {max} idle)",
+                                s.start_workers()
+                            ),
+                            crate::config::PoolKind::Ondemand => {
+                                format!("ondemand pool of 0 to {top} workers")
+                            }
+                        };
                         println!(
-                            "  service {}: plugin {}, {} workers x {} threads, listen {}",
+                            "  service {}: plugin {}, {workers} x {} threads, listen {}",
                             s.name.get_ref(),
                             s.handler.plugin.get_ref(),
-                            s.workers.resolve(),
                             s.threads,
                             listen.join(", ")
                         );
@@ -514,6 +526,20 @@ pub fn status_table(v: &Value) -> String {
             svc["size"],
             listeners.join(", ")
         );
+        if let Some(kind) = svc["pool"].as_str() {
+            let mut line = format!("  pool {kind}: {} idle, {} busy", svc["idle"], svc["busy"]);
+            if let Some(max) = svc["max_workers"].as_u64() {
+                let _ = write!(
+                    line,
+                    "; max_workers {max}, reached {} times",
+                    svc["pool_at_max"]
+                );
+            }
+            if let Some(pid) = svc["recycling"].as_i64() {
+                let _ = write!(line, "; recycling pid {pid}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
         let _ = writeln!(
             out,
             "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",

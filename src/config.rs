@@ -80,6 +80,9 @@ pub struct Config {
     /// The control socket.
     #[serde(default)]
     pub control: ControlConfig,
+    /// The Prometheus endpoint (absent: none).
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_unset")]
+    pub metrics: MetricsConfig,
     /// The `[[service]]` pools; at least one.
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -196,6 +199,41 @@ impl DaemonConfig {
             gid,
             groups,
         }))
+    }
+}
+
+/// `[metrics]`: the Prometheus text endpoint, served by a child process
+/// of its own (see [`crate::metrics`]).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"HOST:PORT"` (or `"tcp://HOST:PORT"`) to serve `GET /metrics` on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Spanned<String>>,
+    /// `listen`, parsed (filled in by validation).
+    #[serde(skip)]
+    pub addr: Option<SocketAddr>,
+}
+
+impl MetricsConfig {
+    fn is_unset(&self) -> bool {
+        self.listen.is_none()
+    }
+
+    /// The address as a listener address, if one is configured.
+    pub fn listen_addr(&self) -> Option<ListenAddr> {
+        self.addr.map(ListenAddr::Tcp)
+    }
+
+    /// The key naming the metrics socket across reloads and upgrades.
+    pub fn listen_key(&self) -> Option<String> {
+        self.addr.map(|a| {
+            if a.port() == 0 {
+                format!("metrics:tcp://{a} (port 0)")
+            } else {
+                format!("metrics:tcp://{a}")
+            }
+        })
     }
 }
 
@@ -514,6 +552,37 @@ pub struct ServiceConfig {
     /// do not all recycle at once.
     #[serde(default)]
     pub max_requests_jitter: u64,
+    /// Recycle a worker whose resident memory passes this (checked about
+    /// once a second by the master); 0 = never. A replacement is started
+    /// first, then the worker leaves after its current connection.
+    #[serde(default)]
+    pub max_memory: ByteSize,
+    /// Add a random 0..=jitter to `max_memory` per worker.
+    #[serde(default)]
+    pub max_memory_jitter: ByteSize,
+    /// Recycle a worker this long after it started ("0s" = never), with a
+    /// replacement started first, like `max_memory`.
+    #[serde(default, with = "duration")]
+    pub max_age: Duration,
+    /// Add a random 0..=jitter to `max_age` per worker.
+    #[serde(default, with = "duration")]
+    pub max_age_jitter: Duration,
+    /// How the pool's size is managed: fixed (`workers`), between spare
+    /// bounds, or on demand.
+    #[serde(default = "static_pool")]
+    pub pool: Spanned<PoolKind>,
+    /// `pool = "dynamic"`: fewest idle workers to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_spare: Option<Spanned<u32>>,
+    /// `pool = "dynamic"`: most idle workers to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spare: Option<Spanned<u32>>,
+    /// `pool = "dynamic"` or `"ondemand"`: the most workers at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<Spanned<u32>>,
+    /// `pool = "ondemand"`: a worker idle this long is retired.
+    #[serde(default = "ten_seconds", with = "nonzero_duration")]
+    pub idle_worker_timeout: Duration,
     /// How long a stopping worker may take to finish its connections before it
     /// is killed.
     #[serde(default = "thirty_seconds", with = "duration")]
@@ -532,6 +601,141 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// The pool kind.
+    pub fn pool_kind(&self) -> PoolKind {
+        *self.pool.get_ref()
+    }
+
+    /// How many workers the pool starts with: `workers` for a static pool,
+    /// `workers` clamped to `min_spare..=max_workers` for a dynamic one
+    /// (PHP-FPM's `pm.start_servers`), none for an ondemand one.
+    pub fn start_workers(&self) -> u32 {
+        match self.pool_kind() {
+            PoolKind::Static => self.workers.resolve(),
+            PoolKind::Dynamic => {
+                let (min, _, max) = self.pool_bounds();
+                self.workers.resolve().clamp(min.max(1), max.max(1))
+            }
+            PoolKind::Ondemand => 0,
+        }
+    }
+
+    /// `(min_spare, max_spare, max_workers)` (zeros where not set; a
+    /// validated dynamic or ondemand pool has what it needs).
+    pub fn pool_bounds(&self) -> (u32, u32, u32) {
+        let v = |o: &Option<Spanned<u32>>| o.as_ref().map_or(0, |s| *s.get_ref());
+        (v(&self.min_spare), v(&self.max_spare), v(&self.max_workers))
+    }
+
+    /// Checks the pool keys against each other; the span of what is wrong.
+    fn validate_pool(&self) -> Result<(), (std::ops::Range<usize>, String)> {
+        let name = self.name.get_ref().as_str();
+        let kind = self.pool_kind();
+        let pool_span = self.pool.span();
+        let named = [
+            ("min_spare", &self.min_spare),
+            ("max_spare", &self.max_spare),
+            ("max_workers", &self.max_workers),
+        ];
+        for (key, value) in named {
+            let Some(v) = value else { continue };
+            let allowed = match kind {
+                PoolKind::Static => false,
+                PoolKind::Dynamic => true,
+                PoolKind::Ondemand => key == "max_workers",
+            };
+            if !allowed {
+                return Err((
+                    v.span(),
+                    format!(
+                        "service {name:?}: {key} does not apply to pool = \"{kind}\": remove it, or set pool = \"dynamic\"{}",
+                        if key == "max_workers" {
+                            " or \"ondemand\""
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            if !(1..=4096).contains(v.get_ref()) {
+                return Err((
+                    v.span(),
+                    format!(
+                        "service {name:?}: {key} = {}: expected a number from 1 to 4096",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        }
+        match kind {
+            PoolKind::Static => Ok(()),
+            PoolKind::Dynamic => {
+                let (Some(min), Some(max), Some(top)) =
+                    (&self.min_spare, &self.max_spare, &self.max_workers)
+                else {
+                    return Err((
+                        pool_span,
+                        format!(
+                            "service {name:?}: pool = \"dynamic\" needs min_spare, max_spare and max_workers, e.g. min_spare = 2, max_spare = 8, max_workers = 32"
+                        ),
+                    ));
+                };
+                if min.get_ref() > max.get_ref() {
+                    return Err((
+                        min.span(),
+                        format!(
+                            "service {name:?}: min_spare = {} is more than max_spare = {}: expected min_spare <= max_spare",
+                            min.get_ref(),
+                            max.get_ref()
+                        ),
+                    ));
+                }
+                if max.get_ref() > top.get_ref() {
+                    return Err((
+                        max.span(),
+                        format!(
+                            "service {name:?}: max_spare = {} is more than max_workers = {}: expected max_spare <= max_workers",
+                            max.get_ref(),
+                            top.get_ref()
+                        ),
+                    ));
+                }
+                if let Workers::Count(n) = self.workers
+                    && !(*min.get_ref()..=*top.get_ref()).contains(&n.get())
+                {
+                    return Err((
+                        pool_span,
+                        format!(
+                            "service {name:?}: workers = {n} (the dynamic pool's start size) is outside min_spare..=max_workers ({}..={}): change workers",
+                            min.get_ref(),
+                            top.get_ref()
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            PoolKind::Ondemand => {
+                if self.max_workers.is_none() {
+                    return Err((
+                        pool_span,
+                        format!(
+                            "service {name:?}: pool = \"ondemand\" needs max_workers, e.g. max_workers = 16"
+                        ),
+                    ));
+                }
+                if let Workers::Count(n) = self.workers {
+                    return Err((
+                        pool_span,
+                        format!(
+                            "service {name:?}: workers = {n} does not apply to pool = \"ondemand\", which starts with none: remove it (max_workers bounds the pool)"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Each listen address with the key that names its socket across
     /// reloads and binary upgrades: the address as written, or, for a port
     /// 0 address (a socket of its own each time it is written), the address
@@ -566,6 +770,130 @@ pub struct HandlerConfig {
 
 fn one() -> u32 {
     1
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+fn static_pool() -> Spanned<PoolKind> {
+    Spanned::new(0..0, PoolKind::Static)
+}
+
+/// `pool`: how a service's pool size is managed (PHP-FPM's `pm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// `workers` workers, always (scaled by hand with `scale`, SIGTTIN/TTOU).
+    #[default]
+    Static,
+    /// Between `min_spare` and `max_spare` idle workers, at most
+    /// `max_workers` in all; starts with `workers`.
+    Dynamic,
+    /// None until connections wait; at most `max_workers`; a worker idle
+    /// for `idle_worker_timeout` is retired.
+    Ondemand,
+}
+
+impl fmt::Display for PoolKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolKind::Static => "static",
+            PoolKind::Dynamic => "dynamic",
+            PoolKind::Ondemand => "ondemand",
+        })
+    }
+}
+
+/// A size in bytes, written `"256MiB"`, `"512M"`, `"1G"`, `"64KiB"`,
+/// `"1000000"` or as a plain integer. K, M, G, T and KiB, MiB, GiB, TiB are
+/// powers of 1024 (as in systemd and nginx); KB, MB, GB, TB powers of 1000.
+/// 0 means unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// The size in bytes.
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (unit, size) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid size {s:?}: expected a number with an optional unit, such as \"256MiB\", \"512M\", \"1G\" or \"800MB\""
+            )
+        };
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "k" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        let value: f64 = number.parse().map_err(|_| bad())?;
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"256MiB\" or a number of bytes")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("size {n} is negative: expected bytes >= 0")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 fn thirty_seconds() -> Duration {
     Duration::from_secs(30)
@@ -1020,6 +1348,25 @@ impl Config {
                 "[control] socket".into(),
             );
         }
+        if let Some(listen) = &self.metrics.listen {
+            let text = listen.get_ref();
+            let addr: SocketAddr = text
+                .strip_prefix("tcp://")
+                .unwrap_or(text)
+                .parse()
+                .map_err(|_| {
+                    (
+                        listen.span(),
+                        format!(
+                            "invalid metrics address {text:?}: expected HOST:PORT with HOST an IP address, such as \"127.0.0.1:9109\""
+                        ),
+                    )
+                })?;
+            self.metrics.addr = Some(addr);
+            if let Some(key) = ListenAddr::Tcp(addr).conflict_key() {
+                addrs.insert(key, "[metrics] listen".into());
+            }
+        }
         for svc in &self.services {
             let name = svc.name.get_ref().as_str();
             if names.insert(name, ()).is_some() {
@@ -1044,6 +1391,7 @@ impl Config {
                     ));
                 }
             }
+            svc.validate_pool()?;
             let plugin = svc.handler.plugin.get_ref();
             match registry.get(plugin) {
                 None => {
@@ -1388,6 +1736,148 @@ plugin = "echo"
         );
         let e = with_log("colour = true").unwrap_err();
         assert!(e.starts_with("t.toml:2:1: unknown field `colour`"), "{e}");
+    }
+
+    fn with_pool(extra: &str) -> Result<Config, String> {
+        parse(&format!(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n{extra}\n[service.handler]\nplugin = \"echo\"\n"
+        ))
+    }
+
+    #[test]
+    fn pools_and_their_bounds() {
+        let c = with_pool(
+            "pool = \"dynamic\"\nmin_spare = 2\nmax_spare = 4\nmax_workers = 8\nworkers = 3",
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.pool_kind(), PoolKind::Dynamic);
+        assert_eq!(s.pool_bounds(), (2, 4, 8));
+        assert_eq!(s.start_workers(), 3);
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.services[0].pool_bounds(), (2, 4, 8));
+        let c = with_pool("pool = \"ondemand\"\nmax_workers = 5\nidle_worker_timeout = \"3s\"")
+            .unwrap();
+        assert_eq!(c.services[0].start_workers(), 0);
+        assert_eq!(c.services[0].idle_worker_timeout, Duration::from_secs(3));
+        let c = with_pool("workers = 2").unwrap();
+        assert_eq!(c.services[0].pool_kind(), PoolKind::Static);
+        assert_eq!(c.services[0].idle_worker_timeout, Duration::from_secs(10));
+
+        let e = with_pool("pool = \"dynamic\"\nmax_workers = 8").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4:8: service \"a\": pool = \"dynamic\" needs min_spare, max_spare and max_workers"),
+            "{e}"
+        );
+        let e = with_pool("pool = \"dynamic\"\nmin_spare = 5\nmax_spare = 4\nmax_workers = 8")
+            .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:5:13: service \"a\": min_spare = 5 is more than max_spare = 4"),
+            "{e}"
+        );
+        let e = with_pool("pool = \"dynamic\"\nmin_spare = 1\nmax_spare = 9\nmax_workers = 8")
+            .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:6:13: service \"a\": max_spare = 9 is more than max_workers = 8"),
+            "{e}"
+        );
+        let e = with_pool(
+            "pool = \"dynamic\"\nmin_spare = 2\nmax_spare = 4\nmax_workers = 8\nworkers = 9",
+        )
+        .unwrap_err();
+        assert!(e.contains("workers = 9 (the dynamic pool's start size) is outside min_spare..=max_workers (2..=8)"), "{e}");
+        let e = with_pool("pool = \"ondemand\"\nmax_workers = 4\nworkers = 2").unwrap_err();
+        assert!(
+            e.contains("workers = 2 does not apply to pool = \"ondemand\""),
+            "{e}"
+        );
+        let e = with_pool("pool = \"ondemand\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4:8: service \"a\": pool = \"ondemand\" needs max_workers"),
+            "{e}"
+        );
+        let e = with_pool("pool = \"ondemand\"\nmax_workers = 4\nmin_spare = 1").unwrap_err();
+        assert!(
+            e.starts_with(
+                "t.toml:6:13: service \"a\": min_spare does not apply to pool = \"ondemand\""
+            ),
+            "{e}"
+        );
+        let e = with_pool("max_workers = 4").unwrap_err();
+        assert!(
+            e.starts_with(
+                "t.toml:4:15: service \"a\": max_workers does not apply to pool = \"static\""
+            ),
+            "{e}"
+        );
+        let e = with_pool("pool = \"ondemand\"\nmax_workers = 0").unwrap_err();
+        assert!(
+            e.contains("max_workers = 0: expected a number from 1 to 4096"),
+            "{e}"
+        );
+        let e = with_pool("pool = \"elastic\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4:8: unknown variant `elastic`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_recycling_limits() {
+        for (text, bytes) in [
+            ("256MiB", 256 << 20),
+            ("512M", 512 << 20),
+            ("1G", 1 << 30),
+            ("1.5GiB", 3 << 29),
+            ("64KiB", 64 << 10),
+            ("800MB", 800_000_000),
+            ("1000", 1000),
+            ("7B", 7),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "M", "12 parsecs", "-1M", "1e400"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
+        }
+        assert_eq!(ByteSize(128 << 20).to_string(), "128MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+        let c = with_pool("max_memory = \"128MiB\"\nmax_memory_jitter = 1048576\nmax_age = \"1h\"\nmax_age_jitter = \"5m\"").unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.max_memory, ByteSize(128 << 20));
+        assert_eq!(s.max_memory_jitter, ByteSize(1 << 20));
+        assert_eq!(
+            (s.max_age, s.max_age_jitter),
+            (Duration::from_secs(3600), Duration::from_secs(300))
+        );
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.services[0].max_memory, s.max_memory);
+        let e = with_pool("max_memory = \"lots\"").unwrap_err();
+        assert!(e.starts_with("t.toml:4:14: invalid size \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn metrics_address() {
+        let c = parse(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{GOOD}")).unwrap();
+        assert_eq!(c.metrics.addr, Some("127.0.0.1:0".parse().unwrap()));
+        assert!(c.metrics.listen_key().unwrap().starts_with("metrics:"));
+        let c = parse(&format!("[metrics]\nlisten = \"tcp://[::1]:9109\"\n{GOOD}")).unwrap();
+        assert_eq!(c.metrics.addr, Some("[::1]:9109".parse().unwrap()));
+        assert!(parse(GOOD).unwrap().metrics.addr.is_none());
+        let e = err(&format!("[metrics]\nlisten = \"localhost:9\"\n{GOOD}"));
+        assert!(
+            e.starts_with("t.toml:2:10: invalid metrics address \"localhost:9\""),
+            "{e}"
+        );
+        let e = err(&format!(
+            "[metrics]\nlisten = \"127.0.0.1:7\"\n{}",
+            GOOD.replace("127.0.0.1:0", "127.0.0.1:7")
+        ));
+        assert!(
+            e.contains(
+                "duplicate listen address tcp://127.0.0.1:7: already used by [metrics] listen"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

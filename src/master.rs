@@ -10,7 +10,10 @@
 //! on signals by priority (fast stop, graceful stop, reload, upgrade,
 //! scaling) → commit a reload whose generation is ready → enforce deadlines
 //! → exit when stopping and no child is left → start a pending reload or
-//! upgrade → spawn what the pools lack. Apart from poll, the only wait is
+//! upgrade → apply the pool policy (src/master/policy.rs: dynamic and
+//! ondemand sizes, recycling by memory and age, on a 1 s maintenance tick
+//! and when an ondemand service's listener is readable) → spawn what the
+//! pools lack (and the `[metrics]` process). Apart from poll, the only wait is
 //! `std::process::Command::spawn` for the exec of a binary upgrade.
 //!
 //! The service manager hears of every transition (src/systemd.rs): `READY=1`
@@ -36,17 +39,22 @@ use nix::unistd::Pid;
 
 use serde_json::{Value, json};
 
-use crate::config::{Config, Credentials, ListenAddr, ServiceConfig, SocketMode};
+use crate::config::{Config, Credentials, ListenAddr, PoolKind, ServiceConfig, SocketMode};
 use crate::control::{self, ClientId, Request};
 use crate::exit::{ChildExit, code};
 use crate::handler::{PluginInfo, Registry};
 use crate::listener::{ListenError, Listener};
 use crate::scoreboard::Scoreboard;
 use crate::signals::{Event, Signals};
+use crate::stats::{ExitCause, SpawnCause, Stats, WorkerState};
 use crate::sys::{self, Forked};
 use crate::systemd::{self, Notifier, NotifyState};
 use crate::upgrade::{self, Exec, Inherited};
 use crate::worker::{self, WorkerSpec};
+
+mod policy;
+
+use policy::{MetricsChild, Recycle};
 
 /// A worker that fails (is killed, or exits non-zero) sooner than this after
 /// it was spawned is a failed start: its slot backs off. A clean exit (status
@@ -144,6 +152,12 @@ struct Slot {
     failures: u32,
     /// When to start the next worker; None: as soon as possible.
     respawn_at: Option<Instant>,
+    /// Not part of the pool (a dynamic pool shrank, a recycled worker's
+    /// place): never filled until the pool grows into it again. Indexes
+    /// stay stable, so the slot numbers in worker names do.
+    vacant: bool,
+    /// Why the next worker of this slot is started (for the metrics).
+    cause: SpawnCause,
 }
 
 /// One `[[service]]` of one generation: its config, listeners and slots.
@@ -158,6 +172,19 @@ struct Pool {
     slots: Vec<Slot>,
     /// What its workers drop to (`[daemon] user`/`group` of its generation).
     credentials: Option<Credentials>,
+    /// Its index in the master's counters (src/stats.rs).
+    stats: Option<usize>,
+    /// Dynamic pools: workers to start at the next growth step (1, 2, 4,
+    /// … 32 while the shortage lasts), and when that step may run.
+    rate: u32,
+    grow_at: Option<Instant>,
+    /// Whether the pool is at `max_workers` with no idle worker (counted
+    /// once per such episode).
+    at_max: bool,
+    /// The recycling in progress (one at a time per service).
+    recycle: Option<Recycle>,
+    /// Ondemand pools: not watching the listeners until then.
+    listen_pause: Option<Instant>,
 }
 
 impl Pool {
@@ -170,10 +197,54 @@ impl Pool {
             config: config.clone(),
             plugin,
             listeners: config.listen_keys().into_iter().map(|(k, _)| k).collect(),
-            slots: (0..config.workers.resolve())
+            slots: (0..config.start_workers())
                 .map(|_| Slot::default())
                 .collect(),
             credentials: credentials.clone(),
+            stats: None,
+            rate: 1,
+            grow_at: None,
+            at_max: false,
+            recycle: None,
+            listen_pause: None,
+        }
+    }
+
+    /// The pool's size: its slots that are not vacant.
+    fn size(&self) -> usize {
+        self.slots.iter().filter(|s| !s.vacant).count()
+    }
+
+    /// Adds a place to the pool (the first vacant slot, or a new one), to
+    /// be filled by spawn_missing; returns its index.
+    fn add_slot(&mut self, cause: SpawnCause) -> usize {
+        let fresh = Slot {
+            cause,
+            ..Slot::default()
+        };
+        match self.slots.iter().position(|s| s.vacant) {
+            Some(i) => {
+                self.slots[i] = fresh;
+                i
+            }
+            None => {
+                self.slots.push(fresh);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Takes slot `s` out of the pool (its worker, if any, is the caller's
+    /// to stop); trailing vacant slots are dropped.
+    fn vacate(&mut self, s: usize) {
+        if let Some(slot) = self.slots.get_mut(s) {
+            *slot = Slot {
+                vacant: true,
+                ..Slot::default()
+            };
+        }
+        while self.slots.last().is_some_and(|s| s.vacant) {
+            self.slots.pop();
         }
     }
 
@@ -182,7 +253,7 @@ impl Pool {
     }
 
     fn all_ready(&self, children: &HashMap<Pid, Child>) -> bool {
-        self.slots.iter().all(|s| {
+        self.slots.iter().filter(|s| !s.vacant).all(|s| {
             s.pid
                 .and_then(|pid| children.get(&pid))
                 .is_some_and(|c| c.ready)
@@ -218,6 +289,22 @@ struct Child {
     kill_at: Option<Instant>,
     /// Its scoreboard slot.
     board: Option<usize>,
+    /// Its service's index in the master's counters.
+    svc: Option<usize>,
+    /// Recycled past this resident memory (`max_memory` + jitter); 0: never.
+    rss_limit: u64,
+    /// Recycled at this age (`max_age` + jitter).
+    age_limit: Option<Duration>,
+    /// Since when it has been seen idle (sampled by the maintenance tick).
+    idle_since: Option<Instant>,
+    /// Its `served` count at the last sample.
+    last_served: u64,
+    /// Why the master retired it (recycling, idleness), for the metrics.
+    retire_cause: Option<ExitCause>,
+    /// Whether the master sent it SIGKILL.
+    killed: bool,
+    /// The state last written to the master's counters.
+    reported: Option<WorkerState>,
 }
 
 /// A reload whose new generation is booting.
@@ -328,6 +415,13 @@ pub struct Master {
     last_status: String,
     /// When to send the next `WATCHDOG=1`.
     watchdog_at: Option<Instant>,
+    /// The master's counters, shared with the metrics child.
+    stats: Stats,
+    /// When the next maintenance tick runs (pool policy, recycling,
+    /// sampling); None: no service or endpoint needs one.
+    maintain_at: Option<Instant>,
+    /// The `[metrics]` child.
+    metrics: MetricsChild,
 }
 
 /// Finds the listener named `key`.
@@ -475,6 +569,27 @@ impl Master {
                 }
             }
         }
+        if let (Some(addr), Some(key)) = (config.metrics.listen_addr(), config.metrics.listen_key())
+        {
+            match open_listener(
+                &addr,
+                policy::METRICS_BACKLOG,
+                SocketMode::default(),
+                inherited.as_mut(),
+                &mut activated,
+                &key,
+                None,
+            ) {
+                Ok(l) => {
+                    log::info!("metrics: serving http://{}/metrics", policy::bound_inet(&l));
+                    listeners.push(l);
+                }
+                Err(e) => {
+                    cleanup(&mut listeners);
+                    return Err(report(&mut notify, e.into()));
+                }
+            }
+        }
         let control = match config.control.path() {
             None => None,
             Some(path) => {
@@ -543,7 +658,7 @@ impl Master {
         }
         let pid = nix::unistd::getpid();
         let pid_file = config.daemon.pid_file.clone();
-        let setup = || -> Result<(Signals, Scoreboard), MasterError> {
+        let setup = || -> Result<(Signals, Scoreboard, Stats), MasterError> {
             // A new master of an upgrade writes the pid file once it is
             // ready: until then the old master is the one to signal.
             // A daemon's pid file is written (and locked) by daemonize.
@@ -552,20 +667,24 @@ impl Master {
             }
             let board = Scoreboard::new().map_err(sys_err("mmap"))?;
             let signals = Signals::install().map_err(sys_err("sigaction"))?;
-            Ok((signals, board))
+            let stats = Stats::new().map_err(sys_err("mmap"))?;
+            Ok((signals, board, stats))
         };
-        let (signals, board) = match setup() {
+        let (signals, board, mut stats) = match setup() {
             Ok(s) => s,
             Err(e) => {
                 cleanup(&mut listeners);
                 return Err(report(&mut notify, e));
             }
         };
-        let pools = config
+        let mut pools: Vec<Pool> = config
             .services
             .iter()
             .map(|svc| Pool::new(svc, &registry, &config.daemon.credentials))
             .collect();
+        policy::register(&mut stats, &mut pools);
+        stats.set_generation(generation);
+        let maintain_at = policy::needs_tick(&config).then(Instant::now);
         Ok(Master {
             phase: Phase::Starting,
             registry,
@@ -600,13 +719,16 @@ impl Master {
             watchdog_at: notifier.watchdog_interval().map(|_| Instant::now()),
             notifier,
             last_status: String::new(),
+            stats,
+            maintain_at,
+            metrics: MetricsChild::default(),
         })
     }
 
     /// Runs until the daemon stops; returns the exit code (0 after a stop).
     pub fn run(mut self) -> Result<i32, MasterError> {
         sys::set_title("preforkd: master");
-        let total: usize = self.pools.iter().map(|p| p.slots.len()).sum();
+        let total: usize = self.pools.iter().map(Pool::size).sum();
         log::info!(
             "master pid {} starting {total} workers in {} services (generation {})",
             self.pid,
@@ -614,10 +736,14 @@ impl Master {
             self.generation
         );
         self.spawn_missing();
+        self.spawn_metrics();
+        // A config of ondemand pools only has no worker to wait for.
+        self.check_start();
         loop {
             // Records a TCP syslog connection still holds (nonblocking).
             log::logger().flush();
             let woke = self.wait()?;
+            let waiting = woke.listeners.clone();
             self.tick_watchdog();
             let events = self.signals.drain();
             self.reap();
@@ -655,7 +781,10 @@ impl Master {
                 Phase::Starting | Phase::Running => {
                     self.start_pending();
                     self.close_unused_listeners();
+                    self.adapt(&waiting);
                     self.spawn_missing();
+                    self.spawn_metrics();
+                    self.sync_states();
                     self.update_status();
                 }
             }
@@ -671,6 +800,7 @@ impl Master {
             Upgrade,
             Predecessor,
             Control,
+            Listener(usize),
         }
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         let mut tokens = vec![Token::Signals];
@@ -696,6 +826,10 @@ impl Master {
                 tokens.push(Token::Control);
             }
             control_set = Some(set);
+        }
+        for (p, fd) in self.demand_fds() {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            tokens.push(Token::Listener(p));
         }
         let busy = self.control.as_ref().is_some_and(|c| c.has_requests());
         let timeout = match self.next_deadline() {
@@ -727,6 +861,10 @@ impl Master {
                 Token::Upgrade => woke.upgrade = !rev.is_empty(),
                 Token::Predecessor => woke.predecessor_gone = !rev.is_empty(),
                 Token::Control => control_revents.push(rev),
+                Token::Listener(p) if !rev.is_empty() && !woke.listeners.contains(&p) => {
+                    woke.listeners.push(p)
+                }
+                Token::Listener(_) => {}
             }
         }
         if let (Some(c), Some(set)) = (&mut self.control, control_set) {
@@ -763,6 +901,7 @@ impl Master {
             .chain(upgrade)
             .chain(control)
             .chain(self.watchdog_at)
+            .chain(self.policy_deadlines())
             .min()
     }
 
@@ -808,6 +947,9 @@ impl Master {
             self.failed_successor = None;
             return;
         }
+        if self.metrics_exited(pid, exit) {
+            return;
+        }
         let Some(mut child) = self.children.remove(&pid) else {
             match self.phase {
                 Phase::Retiring { successor } if successor == pid => {
@@ -817,19 +959,24 @@ impl Master {
             }
             return;
         };
-        if let Some(b) = child.board {
-            self.board.release(b);
-        }
         if child.ready_pipe.is_some() {
             read_message(&mut child);
         }
+        let cause = policy::exit_cause(&child, exit);
+        self.stats
+            .exited(child.svc, cause, child.board, &self.board);
+        if let Some(b) = child.board {
+            self.board.release(b);
+        }
+        let recycled_early = self.recycle_exited(pid, &child);
         let reason = child
             .boot_error
             .as_deref()
             .map(|r| format!(": {r}"))
             .unwrap_or_default();
-        let stopping =
-            !matches!(self.phase, Phase::Starting | Phase::Running) || child.slot.is_none();
+        let stopping = !matches!(self.phase, Phase::Starting | Phase::Running)
+            || child.slot.is_none()
+            || recycled_early;
         if exit.is_clean() {
             let why = if stopping { "" } else { " (recycled)" };
             log::info!("worker {} (pid {pid}) {exit}{why}", child.name);
@@ -897,6 +1044,7 @@ impl Master {
         if child.ready {
             log::info!("worker {} (pid {pid}) ready", child.name);
         }
+        self.sync_states();
     }
 
     /// The first generation failed: report why, stop what did start, and
@@ -924,7 +1072,7 @@ impl Master {
             let summary: Vec<String> = self
                 .pools
                 .iter()
-                .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
+                .map(|p| format!("{} ({} workers)", p.name(), p.size()))
                 .collect();
             log::info!("ready: {}", summary.join(", "));
             // `--daemon`: the launcher may exit 0 now.
@@ -1015,13 +1163,19 @@ impl Master {
                 }
                 for _ in 0..count {
                     for p in 0..self.pools.len() {
-                        let n = self.pools[p].slots.len();
+                        let n = self.pools[p].size();
                         let name = if event == Event::TtyIn {
                             "SIGTTIN"
                         } else {
                             "SIGTTOU"
                         };
-                        if event == Event::TtyIn && n >= MAX_WORKERS {
+                        let kind = self.pools[p].config.pool_kind();
+                        if kind != PoolKind::Static {
+                            log::warn!(
+                                "{name}: service {} has pool = \"{kind}\", whose size follows the load; left alone",
+                                self.pools[p].name()
+                            );
+                        } else if event == Event::TtyIn && n >= MAX_WORKERS {
                             log::warn!(
                                 "{name}: service {} is at {MAX_WORKERS} workers already",
                                 self.pools[p].name()
@@ -1050,7 +1204,7 @@ impl Master {
         crate::log::reopen();
         // Signalled before the line is written: whoever reads it knows
         // every worker has the request pending.
-        for pid in self.children.keys() {
+        for pid in self.children.keys().chain(&self.metrics.pid) {
             let _ = kill(*pid, Signal::SIGUSR1);
         }
         log::info!(
@@ -1063,16 +1217,22 @@ impl Master {
     /// workers of removed slots leave gracefully.
     fn resize(&mut self, p: usize, n: usize) {
         let pool = &mut self.pools[p];
-        pool.slots
-            .resize_with(n.max(pool.slots.len()), Slot::default);
-        let removed: Vec<Slot> = pool.slots.drain(n..).collect();
-        for slot in removed {
-            if let Some(pid) = slot.pid {
-                if let Some(child) = self.children.get_mut(&pid) {
-                    child.slot = None;
-                }
-                self.stop_child(pid, Signal::SIGTERM);
+        while pool.size() < n {
+            pool.add_slot(SpawnCause::Grow);
+        }
+        let mut removed = Vec::new();
+        while pool.size() > n {
+            let Some(s) = pool.slots.iter().rposition(|s| !s.vacant) else {
+                break;
+            };
+            removed.extend(pool.slots[s].pid);
+            pool.vacate(s);
+        }
+        for pid in removed {
+            if let Some(child) = self.children.get_mut(&pid) {
+                child.slot = None;
             }
+            self.stop_child(pid, Signal::SIGTERM);
         }
     }
 
@@ -1159,6 +1319,7 @@ impl Master {
             self.reply_all(waiters, &control::error("the master is stopping"));
         }
         self.stop_generation(None, sig);
+        self.stop_metrics();
         for mut l in self.listeners.drain(..) {
             // A listener still shared with the previous master (an upgrade
             // that failed to boot) is its, not ours, to shut.
@@ -1183,6 +1344,7 @@ impl Master {
                     );
                     let _ = kill(*pid, Signal::SIGKILL);
                     child.kill_at = None;
+                    child.killed = true;
                 }
             } else if !child.ready && now >= child.ready_deadline {
                 let waited = child.ready_deadline - child.started;
@@ -1192,6 +1354,7 @@ impl Master {
                     humantime::format_duration(waited)
                 );
                 let _ = kill(*pid, Signal::SIGKILL);
+                child.killed = true;
                 // Killed again if somehow still there; the reap counts
                 // it as a failed start.
                 child.kill_at = Some(now + FAST_STOP_GRACE);
@@ -1260,7 +1423,9 @@ impl Master {
                         .iter()
                         .enumerate()
                         .filter(|(_, slot)| {
-                            slot.pid.is_none() && slot.respawn_at.is_none_or(|at| now >= at)
+                            !slot.vacant
+                                && slot.pid.is_none()
+                                && slot.respawn_at.is_none_or(|at| now >= at)
                         })
                         .map(move |(s, _)| (p, s))
                 })
@@ -1335,7 +1500,18 @@ impl Master {
                 drop(listeners);
                 log::info!("worker {name} (pid {pid}) spawned");
                 let now = Instant::now();
+                let (rss_limit, age_limit) = policy::limits(&pool.config);
+                let svc = pool.stats;
+                let cause = pool.slots[s].cause;
                 let child = Child {
+                    svc,
+                    rss_limit,
+                    age_limit,
+                    idle_since: None,
+                    last_served: 0,
+                    retire_cause: None,
+                    killed: false,
+                    reported: Some(WorkerState::Starting),
                     generation,
                     pool: p,
                     slot: Some(s),
@@ -1351,8 +1527,10 @@ impl Master {
                     board,
                 };
                 self.children.insert(pid, child);
+                self.stats.spawned(svc, cause, board);
                 let pools = self.pools_mut(generation).expect("spawned from it");
                 pools[p].slots[s].pid = Some(pid);
+                pools[p].slots[s].cause = SpawnCause::Replace;
                 Ok(())
             }
         }
@@ -1467,7 +1645,13 @@ impl Master {
                 names.join(", ")
             ));
         };
-        let was = self.pools[p].slots.len();
+        let kind = self.pools[p].config.pool_kind();
+        if kind != PoolKind::Static {
+            return control::error(&format!(
+                "service {service} has pool = \"{kind}\", whose size follows the load: change min_spare, max_spare or max_workers in the config and reload"
+            ));
+        }
+        let was = self.pools[p].size();
         self.resize(p, n.min(MAX_WORKERS));
         log::info!("control: service {service} scaled from {was} to {n} workers");
         json!({"ok": true, "service": service, "workers": n, "was": was})
@@ -1619,6 +1803,33 @@ impl Master {
                 }
             }
         }
+        if let (Some(addr), Some(key)) = (config.metrics.listen_addr(), config.metrics.listen_key())
+            && find(&self.listeners, &key).is_none()
+        {
+            match open_listener(
+                &addr,
+                policy::METRICS_BACKLOG,
+                SocketMode::default(),
+                None,
+                &mut Vec::new(),
+                &key,
+                None,
+            ) {
+                Ok(l) => {
+                    log::info!(
+                        "reload (generation {generation}): metrics: serving http://{}/metrics",
+                        policy::bound_inet(&l)
+                    );
+                    added.push(key);
+                    self.listeners.push(l);
+                }
+                Err(e) => {
+                    self.close_listeners(&added);
+                    self.reload_failed(generation, waiters, &e.to_string(), None);
+                    return;
+                }
+            }
+        }
         if config.daemon.pid_file != self.config.daemon.pid_file
             || config.control.path() != self.config.control.path()
         {
@@ -1626,12 +1837,13 @@ impl Master {
                 "reload (generation {generation}): [daemon] pid_file and [control] socket changes take effect at the next restart or binary upgrade"
             );
         }
-        let pools: Vec<Pool> = config
+        let mut pools: Vec<Pool> = config
             .services
             .iter()
             .map(|svc| Pool::new(svc, &self.registry, &config.daemon.credentials))
             .collect();
-        let total: usize = pools.iter().map(|p| p.slots.len()).sum();
+        policy::register(&mut self.stats, &mut pools);
+        let total: usize = pools.iter().map(Pool::size).sum();
         log::info!(
             "reload (generation {generation}): {} is valid; starting {total} workers",
             config.source
@@ -1699,11 +1911,15 @@ impl Master {
             self.config.log.level = level;
         }
         crate::log::init(self.config.log.level.filter());
+        self.stats.set_generation(self.generation);
+        self.stats.reloaded(true);
+        self.maintain_at = policy::needs_tick(&self.config).then(Instant::now);
+        self.restart_metrics();
         let took = reload.started.elapsed();
         let summary: Vec<String> = self
             .pools
             .iter()
-            .map(|p| format!("{} ({} workers)", p.name(), p.slots.len()))
+            .map(|p| format!("{} ({} workers)", p.name(), p.size()))
             .collect();
         let message = format!(
             "reload (generation {}) succeeded in {}: {}; generation {old} retires",
@@ -1759,6 +1975,7 @@ impl Master {
                 let _ = kill(pid, Signal::SIGKILL);
                 if let Some(c) = self.children.get_mut(&pid) {
                     c.kill_at = Some(Instant::now() + FAST_STOP_GRACE);
+                    c.killed = true;
                 }
             }
         }
@@ -1786,6 +2003,7 @@ impl Master {
             self.generation
         );
         log::error!("{message}");
+        self.stats.reloaded(false);
         self.last_reload = Some(Outcome {
             generation,
             ok: false,
@@ -1827,6 +2045,7 @@ impl Master {
             .pools
             .iter()
             .flat_map(|p| p.listeners.iter().cloned())
+            .chain(self.config.metrics.listen_key())
             .collect();
         self.listeners.retain_mut(|l| {
             if used.contains(&l.key) {
@@ -2042,6 +2261,7 @@ impl Master {
             "preforkd: master (retiring, replaced by {successor})"
         ));
         self.stop_generation(None, Signal::SIGTERM);
+        self.stop_metrics();
         let answer =
             json!({"ok": true, "new_pid": successor.as_raw(), "old_pid": self.pid.as_raw()});
         self.reply_all(up.waiters, &answer);
@@ -2126,7 +2346,7 @@ impl Master {
                 .filter_map(|s| s.pid)
                 .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
                 .count();
-            parts.push(format!("{} {ready}/{} workers", p.name(), p.slots.len()));
+            parts.push(format!("{} {ready}/{} workers", p.name(), p.size()));
         }
         match (reloading, &self.last_reload) {
             (Some(g), _) => parts.push(format!("reloading (generation {g})")),
@@ -2192,10 +2412,17 @@ impl Master {
                             .collect()
                     })
                     .unwrap_or_default();
+                let (idle, busy) = pool.map_or((0, 0), |p| self.idle_busy(p));
                 json!({
                     "name": name,
                     "plugin": pool.map(|p| p.plugin.name.clone()),
-                    "size": pool.map(|p| p.slots.len()),
+                    "size": pool.map(Pool::size),
+                    "pool": pool.map(|p| p.config.pool_kind().to_string()),
+                    "idle": idle,
+                    "busy": busy,
+                    "max_workers": pool.and_then(|p| p.config.max_workers.as_ref().map(|m| *m.get_ref())),
+                    "pool_at_max": pool.map_or(0, |p| self.at_max_count(p)),
+                    "recycling": pool.and_then(|p| p.recycle.as_ref().map(|r| r.old.as_raw())),
                     "listeners": listeners,
                     "workers": workers.into_iter().map(|(p, c)| worker(p, c)).collect::<Vec<_>>(),
                 })
@@ -2247,6 +2474,8 @@ struct Woke {
     upgrade: bool,
     /// The previous master's lifeline reached EOF (it never writes).
     predecessor_gone: bool,
+    /// Ondemand pools (indexes) with a connection waiting.
+    listeners: Vec<usize>,
 }
 
 /// Writes the pid file, if one is configured.

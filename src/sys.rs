@@ -425,3 +425,53 @@ pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String>
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// What the master samples about its listeners and workers.
+
+/// A TCP listener's accept queue: (connections waiting to be accepted,
+/// backlog), from TCP_INFO (`tcpi_unacked` and `tcpi_sacked` mean that on
+/// a socket in LISTEN state). None for other sockets or on error.
+pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is a descriptor the caller borrows for this call; the
+    // kernel writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_LISTEN is 10 in the kernel's tcp_states.h.
+    if rc != 0 || info.tcpi_state != 10 {
+        return None;
+    }
+    Some((u64::from(info.tcpi_unacked), u64::from(info.tcpi_sacked)))
+}
+
+/// Resident memory of process `pid` in bytes, from /proc/PID/statm (its
+/// second field, in pages). None if the process is gone.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages.saturating_mul(page_size()))
+}
+
+fn page_size() -> u64 {
+    static SIZE: AtomicU64 = AtomicU64::new(0);
+    let cached = SIZE.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // SAFETY: sysconf reads a constant of the system; no memory is touched.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let n = if n > 0 { n as u64 } else { 4096 };
+    SIZE.store(n, Ordering::Relaxed);
+    n
+}

@@ -1,0 +1,508 @@
+//! The `[metrics]` endpoint: a child process of its own (`preforkd:
+//! metrics`) that serves `GET /metrics` in Prometheus' text format (0.0.4)
+//! from shared memory: the scoreboard (workers' counters) and the master's
+//! counters (src/stats.rs). The master only forks it, replaces it when it
+//! dies and on reload, and binds its socket like every listener (so it
+//! survives reloads and binary upgrades); no HTTP is parsed in the master.
+//!
+//! HTTP is kept minimal and bounded: one request per connection (`Connection:
+//! close`), the request head read with a 5 s timeout and at most 8 KiB,
+//! GET or HEAD of `/metrics` (a query string is ignored) answered 200, any
+//! other path 404, any other method 405, a malformed head 400. Each
+//! connection is served in a thread of its own (at most 8 at once), so a
+//! slow client delays no other scrape.
+//!
+//! Owns (in the child): its copy of the metrics socket and the connection
+//! it serves; the last value of each connection counter it reported.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::unistd::Pid;
+
+use crate::config::Credentials;
+use crate::exit::worker as code;
+use crate::scoreboard::Scoreboard;
+use crate::stats::{ExitCause, Snapshot, SpawnCause, Stats, WorkerState};
+use crate::sys;
+
+/// Longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// Clients served at once, each in a thread of its own.
+const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send its request, and to read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the metrics child needs, taken from the master's state after fork.
+pub(crate) struct MetricsSpec<'a> {
+    /// The listening socket (a copy of the master's).
+    pub listener: OwnedFd,
+    /// The master's counters.
+    pub stats: &'a Stats,
+    /// The workers' counters.
+    pub board: &'a Scoreboard,
+    /// The master's pid, to notice its death.
+    pub master: Pid,
+    /// `[daemon] user`/`group`: what it drops to.
+    pub credentials: Option<&'a Credentials>,
+}
+
+/// Runs the metrics child to its end; returns the process exit code.
+pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
+    if let Err(e) = sys::install_worker_signals() {
+        log::error!("metrics: cannot set up signals: {e}");
+        return code::SETUP_ERROR;
+    }
+    crate::log::after_fork();
+    let mut keep = vec![spec.listener.as_raw_fd()];
+    keep.extend(crate::log::fds());
+    if let Err(e) = sys::close_fds_except(&keep) {
+        log::error!("metrics: close_range() failed: {e}");
+        return code::SETUP_ERROR;
+    }
+    if let Some(creds) = spec.credentials
+        && let Err(reason) = sys::drop_privileges(creds)
+    {
+        log::error!("metrics: {reason}");
+        return code::SETUP_ERROR;
+    }
+    match sys::exit_with_parent(spec.master) {
+        Ok(true) => {}
+        Ok(false) => return code::ORPHANED,
+        Err(e) => {
+            log::error!("metrics: prctl(PR_SET_PDEATHSIG) failed: {e}");
+            return code::SETUP_ERROR;
+        }
+    }
+    sys::set_title("preforkd: metrics");
+    let listener = std::net::TcpListener::from(spec.listener);
+    let last = Mutex::new(HashMap::new());
+    let busy = AtomicUsize::new(0);
+    let mut fds = [
+        nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
+        nix::poll::PollFd::new(sys::shutdown_fd(), nix::poll::PollFlags::POLLIN),
+    ];
+    std::thread::scope(|scope| {
+        while !sys::shutdown_requested() {
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    log::error!("metrics: poll() failed: {e}");
+                    return code::SETUP_ERROR;
+                }
+            }
+            if sys::shutdown_requested() {
+                break;
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    log::warn!("metrics: accept() failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let (stats, board, last) = (spec.stats, spec.board, &last);
+            let job = move |stream| {
+                if let Err(e) = serve(stream, stats, board, last) {
+                    log::debug!("metrics: {peer}: {e}");
+                }
+            };
+            // A slow client gets a thread of its own, so that it delays no
+            // other scrape; past MAX_CLIENTS they wait their turn.
+            let busy = &busy;
+            if busy.fetch_add(1, Ordering::SeqCst) < MAX_CLIENTS {
+                let spawned = std::thread::Builder::new()
+                    .name("scrape".into())
+                    .spawn_scoped(scope, move || {
+                        job(stream);
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    log::warn!("metrics: cannot start a thread: {e}");
+                }
+            } else {
+                job(stream);
+                busy.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        code::OK
+    })
+}
+
+/// Answers one request.
+fn serve(
+    mut stream: TcpStream,
+    stats: &Stats,
+    board: &Scoreboard,
+    last: &Mutex<HashMap<String, u64>>,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break true;
+        }
+        if head.len() >= MAX_HEAD {
+            break false;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break false;
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    let (status, body) = match parse_request(&head, complete) {
+        Err(status) => (status, format!("{}\n", reason(status))),
+        Ok((method, path)) => {
+            let path = path.split('?').next().unwrap_or("");
+            if method != "GET" && method != "HEAD" {
+                (405, "method not allowed: use GET\n".to_string())
+            } else if path != "/metrics" {
+                (404, "not found: metrics are at /metrics\n".to_string())
+            } else {
+                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                let text = render(&stats.snapshot(), board, &mut last);
+                (
+                    200,
+                    if method == "HEAD" {
+                        String::new()
+                    } else {
+                        text
+                    },
+                )
+            }
+        }
+    };
+    let content_type = if status == 200 {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reason(status),
+        body.len()
+    );
+    if status == 405 {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    stream.write_all(out.as_bytes())?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    }
+}
+
+/// The method and target of an HTTP/1.x request head; Err(status) if it
+/// is not one.
+fn parse_request(head: &[u8], complete: bool) -> Result<(String, String), u16> {
+    if !complete {
+        return Err(if head.len() >= MAX_HEAD { 431 } else { 400 });
+    }
+    let text = std::str::from_utf8(head).map_err(|_| 400u16)?;
+    let line = text.lines().next().ok_or(400u16)?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(400);
+    };
+    if !version.starts_with("HTTP/1.") || !target.starts_with('/') || method.is_empty() {
+        return Err(400);
+    }
+    Ok((method.to_string(), target.to_string()))
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The exposition text of a snapshot. `last` keeps each connection
+/// counter's last value so that it never goes down: a worker's count is
+/// read (served, then active) while it may be moving one connection from
+/// active to served.
+pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u64>) -> String {
+    const POOLS: [&str; 3] = ["static", "dynamic", "ondemand"];
+    let mut out = String::with_capacity(4096);
+    struct Live {
+        starting: u64,
+        idle: u64,
+        busy: u64,
+        stopping: u64,
+        active: u64,
+        accepted: u64,
+    }
+    let live: Vec<Live> = snap
+        .services
+        .iter()
+        .map(|s| {
+            let mut l = Live {
+                starting: 0,
+                idle: 0,
+                busy: 0,
+                stopping: 0,
+                active: 0,
+                accepted: s.folded,
+            };
+            for (state, slot) in &s.workers {
+                let c = board.read(*slot);
+                l.accepted += c.served + c.active;
+                l.active += c.active;
+                match state {
+                    WorkerState::Starting => l.starting += 1,
+                    WorkerState::Stopping => l.stopping += 1,
+                    WorkerState::Ready if c.active > 0 => l.busy += 1,
+                    WorkerState::Ready => l.idle += 1,
+                }
+            }
+            let seen = last.entry(s.name.clone()).or_insert(0);
+            l.accepted = l.accepted.max(*seen);
+            *seen = l.accepted;
+            l
+        })
+        .collect();
+    let svc = |s: &str| format!("service=\"{}\"", escape(s));
+
+    header(
+        &mut out,
+        "preforkd_workers",
+        "gauge",
+        "Workers by service and state (starting, idle, busy, stopping).",
+    );
+    for (s, l) in snap.services.iter().zip(&live) {
+        for (state, n) in [
+            ("starting", l.starting),
+            ("idle", l.idle),
+            ("busy", l.busy),
+            ("stopping", l.stopping),
+        ] {
+            let _ = writeln!(
+                out,
+                "preforkd_workers{{{},state=\"{state}\"}} {n}",
+                svc(&s.name)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_connections_accepted_total",
+        "counter",
+        "Connections (and datagrams) accepted by the service's workers.",
+    );
+    for (s, l) in snap.services.iter().zip(&live) {
+        let _ = writeln!(
+            out,
+            "preforkd_connections_accepted_total{{{}}} {}",
+            svc(&s.name),
+            l.accepted
+        );
+    }
+    header(
+        &mut out,
+        "preforkd_connections_active",
+        "gauge",
+        "Connections being served now.",
+    );
+    for (s, l) in snap.services.iter().zip(&live) {
+        let _ = writeln!(
+            out,
+            "preforkd_connections_active{{{}}} {}",
+            svc(&s.name),
+            l.active
+        );
+    }
+    header(
+        &mut out,
+        "preforkd_listen_queue_length",
+        "gauge",
+        "Connections waiting in the service's TCP accept queues (sampled by the master every second; TCP listeners only).",
+    );
+    for s in &snap.services {
+        if let Some(q) = s.queue {
+            let _ = writeln!(out, "preforkd_listen_queue_length{{{}}} {q}", svc(&s.name));
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_listen_backlog",
+        "gauge",
+        "The listen backlog of the service's TCP listeners.",
+    );
+    for s in &snap.services {
+        if s.queue.is_some() {
+            let _ = writeln!(
+                out,
+                "preforkd_listen_backlog{{{}}} {}",
+                svc(&s.name),
+                s.backlog
+            );
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_worker_spawns_total",
+        "counter",
+        "Workers started, by cause (start, replace, grow, recycle).",
+    );
+    for s in &snap.services {
+        for (cause, n) in SpawnCause::ALL.iter().zip(&s.spawns) {
+            let _ = writeln!(
+                out,
+                "preforkd_worker_spawns_total{{{},cause=\"{}\"}} {n}",
+                svc(&s.name),
+                cause.label()
+            );
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_worker_exits_total",
+        "counter",
+        "Workers that exited, by cause.",
+    );
+    for s in &snap.services {
+        for (cause, n) in ExitCause::ALL.iter().zip(&s.exits) {
+            let _ = writeln!(
+                out,
+                "preforkd_worker_exits_total{{{},cause=\"{}\"}} {n}",
+                svc(&s.name),
+                cause.label()
+            );
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_pool_max_reached_total",
+        "counter",
+        "Times the pool had max_workers workers and none idle.",
+    );
+    for s in &snap.services {
+        let _ = writeln!(
+            out,
+            "preforkd_pool_max_reached_total{{{}}} {}",
+            svc(&s.name),
+            s.at_max
+        );
+    }
+    header(
+        &mut out,
+        "preforkd_pool_max_workers",
+        "gauge",
+        "max_workers of dynamic and ondemand pools.",
+    );
+    for s in &snap.services {
+        if s.max_workers > 0 {
+            let _ = writeln!(
+                out,
+                "preforkd_pool_max_workers{{{}}} {}",
+                svc(&s.name),
+                s.max_workers
+            );
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_pool_info",
+        "gauge",
+        "The service's pool kind, as a label.",
+    );
+    for s in &snap.services {
+        let kind = POOLS.get(s.pool_kind as usize).unwrap_or(&"static");
+        let _ = writeln!(
+            out,
+            "preforkd_pool_info{{{},pool=\"{kind}\"}} 1",
+            svc(&s.name)
+        );
+    }
+    header(
+        &mut out,
+        "preforkd_reloads_total",
+        "counter",
+        "Reloads, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "preforkd_reloads_total{{result=\"ok\"}} {}",
+        snap.reloads_ok
+    );
+    let _ = writeln!(
+        out,
+        "preforkd_reloads_total{{result=\"failed\"}} {}",
+        snap.reloads_failed
+    );
+    header(
+        &mut out,
+        "preforkd_generation",
+        "gauge",
+        "The generation in force (1 at start, one more per reload or upgrade attempt).",
+    );
+    let _ = writeln!(out, "preforkd_generation {}", snap.generation);
+    header(
+        &mut out,
+        "preforkd_start_time_seconds",
+        "gauge",
+        "When the master started, in seconds since the Unix epoch.",
+    );
+    let _ = writeln!(
+        out,
+        "preforkd_start_time_seconds {}.{:03}",
+        snap.start_ms / 1000,
+        snap.start_ms % 1000
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_strictly() {
+        let ok = |h: &str| parse_request(h.as_bytes(), true);
+        assert_eq!(
+            ok("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(("GET".into(), "/metrics".into()))
+        );
+        assert_eq!(ok("GET /metrics\r\n\r\n"), Err(400));
+        assert_eq!(ok("GET metrics HTTP/1.1\r\n\r\n"), Err(400));
+        assert_eq!(ok("GET /metrics HTTP/2\r\n\r\n"), Err(400));
+        assert_eq!(parse_request(b"GET /", false), Err(400));
+        assert_eq!(parse_request(&[b'a'; MAX_HEAD], false), Err(431));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

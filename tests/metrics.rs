@@ -1,0 +1,416 @@
+//! The `[metrics]` endpoint: scraped with curl, parsed with Prometheus'
+//! own text parser (Python `prometheus_client`), values checked against
+//! what the test did: connections, spawns and exits by cause, reloads,
+//! generation; the metrics process is replaced when it dies and on reload.
+//!
+//! Needs `curl` and `python3` with `prometheus_client` (CI installs them).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const CONTROL: &str = "[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
+
+/// Prints every sample as one JSON array `[name, {labels}, value]`, and
+/// each family's type as `[name, {"__type__": TYPE}, 0]`.
+const PARSER: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    out.append([fam.name, {"__type__": fam.type}, 0])
+    for s in fam.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+
+/// `(name, sorted labels)` → value.
+type Samples = BTreeMap<(String, String), f64>;
+
+/// GET `url` with curl: (HTTP status, body).
+fn curl(args: &[&str], url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl (CI installs it)");
+    assert!(out.status.success(), "curl {url}: {}", show(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// Parses exposition text with prometheus_client.
+fn parse(text: &str) -> Samples {
+    let mut child = Command::new("python3")
+        .args(["-c", PARSER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3 (CI installs it, with prometheus_client)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client cannot parse the metrics (pip install prometheus_client?): {}\n{text}",
+        show(&out)
+    );
+    let rows: Vec<(String, BTreeMap<String, String>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    rows.into_iter()
+        .map(|(name, labels, value)| {
+            let labels = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            ((name, labels), value)
+        })
+        .collect()
+}
+
+/// The address the metrics endpoint bound, from the log.
+fn metrics_url(d: &Daemon) -> String {
+    let line = d.wait_log("metrics: serving http://");
+    let start = line.find("http://").unwrap();
+    line[start..].trim().to_string()
+}
+
+fn scrape(url: &str) -> Samples {
+    let (code, body) = curl(&[], url);
+    assert_eq!(code, 200, "{body}");
+    parse(&body)
+}
+
+fn get(s: &Samples, name: &str, labels: &str) -> f64 {
+    *s.get(&(name.to_string(), labels.to_string()))
+        .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in {s:#?}"))
+}
+
+/// Scrapes until `f` accepts; returns that scrape.
+fn wait_scrape(d: &Daemon, url: &str, what: &str, f: impl Fn(&Samples) -> bool) -> Samples {
+    let mut last = Samples::new();
+    wait_for(DEADLINE, || {
+        last = scrape(url);
+        f(&last).then(|| last.clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "metrics never showed {what}: {last:#?}\nlog:\n{}",
+            d.log_text()
+        )
+    })
+}
+
+/// The pid of the last metrics process spawned.
+fn metrics_pid(d: &Daemon) -> i32 {
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("metrics process (pid ") && l.ends_with(") spawned"))
+        .unwrap_or_else(|| panic!("no metrics process spawned:\n{log}"));
+    let start = line.find("(pid ").unwrap() + 5;
+    line[start..line.rfind(')').unwrap()].parse().unwrap()
+}
+
+#[test]
+fn metrics_match_what_happened() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 2");
+    let config = format!("{CONTROL}[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}");
+    let d = Daemon::start(&config);
+    d.wait_ready();
+    let addr = d.addr("tcp", "echo");
+    let url = metrics_url(&d);
+    assert!(url.ends_with("/metrics"), "{url}");
+    let pid = metrics_pid(&d);
+    assert_eq!(title(pid), "preforkd: metrics");
+    wait_settled(&d);
+
+    const N: usize = 7;
+    for i in 0..N {
+        echo_once(addr, format!("hello {i}\n").as_bytes()).unwrap();
+    }
+    // Counted when the worker has closed the connection.
+    let s = wait_scrape(&d, &url, "N connections", |s| {
+        get(s, "preforkd_connections_accepted_total", "service=echo") >= N as f64
+    });
+    assert_eq!(
+        get(&s, "preforkd_connections_accepted_total", "service=echo"),
+        N as f64
+    );
+    assert_eq!(
+        get(&s, "preforkd_connections_accepted", "__type__=counter"),
+        0.0
+    );
+    assert_eq!(get(&s, "preforkd_workers", "__type__=gauge"), 0.0);
+    assert_eq!(get(&s, "preforkd_workers", "service=echo,state=idle"), 2.0);
+    assert_eq!(get(&s, "preforkd_workers", "service=echo,state=busy"), 0.0);
+    assert_eq!(
+        get(
+            &s,
+            "preforkd_worker_spawns_total",
+            "cause=start,service=echo"
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            &s,
+            "preforkd_worker_spawns_total",
+            "cause=replace,service=echo"
+        ),
+        0.0
+    );
+    assert_eq!(get(&s, "preforkd_generation", ""), 1.0);
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=ok"), 0.0);
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=failed"), 0.0);
+    assert_eq!(
+        get(&s, "preforkd_pool_info", "pool=static,service=echo"),
+        1.0
+    );
+    assert_eq!(
+        get(&s, "preforkd_pool_max_reached_total", "service=echo"),
+        0.0
+    );
+    let start = get(&s, "preforkd_start_time_seconds", "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        start <= now && now - start < 600.0,
+        "start {start}, now {now}"
+    );
+    // The accept queue, sampled every second.
+    wait_scrape(&d, &url, "the listen queue", |s| {
+        s.contains_key(&("preforkd_listen_queue_length".into(), "service=echo".into()))
+    });
+    let s = scrape(&url);
+    assert_eq!(get(&s, "preforkd_listen_queue_length", "service=echo"), 0.0);
+    assert_eq!(get(&s, "preforkd_listen_backlog", "service=echo"), 1024.0);
+
+    // A worker killed by a signal: an exit by cause, a replacement.
+    let victim = d.workers().into_iter().find(|p| *p != pid).unwrap();
+    // SAFETY: kill(2) has no memory effects.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let s = wait_scrape(&d, &url, "the replacement", |s| {
+        get(
+            s,
+            "preforkd_worker_spawns_total",
+            "cause=replace,service=echo",
+        ) == 1.0
+            && get(s, "preforkd_workers", "service=echo,state=idle") == 2.0
+    });
+    assert_eq!(
+        get(
+            &s,
+            "preforkd_worker_exits_total",
+            "cause=signal,service=echo"
+        ),
+        1.0
+    );
+
+    // One good reload, one bad.
+    d.write_config(&config.replace("workers = 2", "workers = 3"));
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = wait_scrape(&d, &url, "the reload", |s| {
+        get(s, "preforkd_generation", "") == 2.0
+            && get(
+                s,
+                "preforkd_worker_exits_total",
+                "cause=stopped,service=echo",
+            ) == 2.0
+    });
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=ok"), 1.0);
+    assert_eq!(
+        get(
+            &s,
+            "preforkd_worker_spawns_total",
+            "cause=start,service=echo"
+        ),
+        5.0
+    );
+    assert_eq!(get(&s, "preforkd_workers", "service=echo,state=idle"), 3.0);
+    // The old generation's connections are still counted.
+    assert_eq!(
+        get(&s, "preforkd_connections_accepted_total", "service=echo"),
+        N as f64
+    );
+    assert_ne!(
+        metrics_pid(&d),
+        pid,
+        "the reload replaces the metrics process"
+    );
+
+    d.write_config(&config.replace("workers = 2", "workers = 0"));
+    let out = cli(&d, &["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains("workers = 0"), "{}", show(&out));
+    let s = scrape(&url);
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=failed"), 1.0);
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=ok"), 1.0);
+    assert_eq!(get(&s, "preforkd_generation", ""), 2.0);
+
+    // Other paths and methods.
+    let root = url.trim_end_matches("/metrics");
+    assert_eq!(curl(&[], &format!("{root}/nope")).0, 404);
+    assert_eq!(curl(&["-X", "POST"], &url).0, 405);
+    assert_eq!(curl(&[], &format!("{url}?x=1")).0, 200);
+
+    // The metrics process dies: another one serves the same counters.
+    let old = metrics_pid(&d);
+    // SAFETY: kill(2) has no memory effects.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    wait_for(DEADLINE, || (metrics_pid(&d) != old).then_some(()))
+        .unwrap_or_else(|| panic!("no new metrics process:\n{}", d.log_text()));
+    let s = wait_scrape(&d, &url, "a scrape after the restart", |_| true);
+    assert_eq!(
+        get(&s, "preforkd_connections_accepted_total", "service=echo"),
+        N as f64
+    );
+    assert_eq!(get(&s, "preforkd_generation", ""), 2.0);
+}
+
+#[test]
+fn a_garbage_request_gets_400_and_the_endpoint_keeps_serving() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut s = connect(hostport.parse().unwrap()).unwrap();
+    std::io::Write::write_all(&mut s, b"hello there\r\n\r\n").unwrap();
+    let reply = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(reply.contains("Connection: close"), "{reply}");
+    // An idle client does not stop the endpoint for ever (read timeout).
+    let idle = connect(hostport.parse().unwrap()).unwrap();
+    let (code, _) = curl(&[], &url);
+    assert_eq!(code, 200);
+    drop(idle);
+}
+
+/// A binary upgrade hands the metrics socket over: the same URL answers,
+/// from the new master's metrics process, with its generation.
+#[test]
+fn the_endpoint_survives_a_binary_upgrade() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let mut d = Daemon::start(&format!(
+        "[daemon]\npid_file = \"{{dir}}/preforkd.pid\"\n\n{CONTROL}[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"
+    ));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let addr = d.addr("tcp", "echo");
+    echo_once(addr, b"before\n").unwrap();
+    let s = scrape(&url);
+    assert_eq!(get(&s, "preforkd_generation", ""), 1.0);
+    let first = metrics_pid(&d);
+    let old = d.pid();
+    d.signal(libc::SIGUSR2);
+    assert_eq!(d.wait_exit(DEADLINE).code(), Some(0), "{}", d.log_text());
+    let new = pid_file_pid(&d.path("preforkd.pid")).unwrap();
+    assert_ne!(new, old);
+    assert!(
+        wait_for(DEADLINE, || (!alive(first)).then_some(())).is_some(),
+        "the old master's metrics process is still running"
+    );
+    let s = wait_scrape(&d, &url, "the new master's counters", |s| {
+        get(s, "preforkd_generation", "") == 2.0
+    });
+    assert_eq!(get(&s, "preforkd_workers", "service=echo,state=idle"), 1.0);
+    let served_by = metrics_pid(&d);
+    assert_ne!(served_by, first);
+    assert_eq!(title(served_by), "preforkd: metrics");
+    assert!(children(new).contains(&served_by), "{}", d.log_text());
+}
+
+/// A reload that moves the endpoint binds the new address (the reload's
+/// log line names it), serves there, and closes the old one; a reload that
+/// removes `[metrics]` stops the metrics process.
+#[test]
+fn a_reload_moves_or_removes_the_endpoint() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let with = |port: u16| format!("{CONTROL}[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n{echo}");
+    let d = Daemon::start(&with(0));
+    d.wait_ready();
+    let old_url = metrics_url(&d);
+    scrape(&old_url);
+    // A free port for the new address (reserved, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    d.write_config(&with(port));
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let line = d.wait_log("): metrics: serving http://");
+    let new_url = format!("http://127.0.0.1:{port}/metrics");
+    assert!(line.ends_with(&new_url), "{line}");
+    let s = wait_scrape(&d, &new_url, "generation 2", |s| {
+        get(s, "preforkd_generation", "") == 2.0
+    });
+    assert_eq!(get(&s, "preforkd_reloads_total", "result=ok"), 1.0);
+    let old_addr: std::net::SocketAddr = old_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap();
+    wait_for(DEADLINE, || connect(old_addr).is_err().then_some(()))
+        .unwrap_or_else(|| panic!("the old metrics address still accepts:\n{}", d.log_text()));
+
+    let pid = metrics_pid(&d);
+    d.write_config(&format!("{CONTROL}{echo}"));
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_for(DEADLINE, || (!alive(pid)).then_some(()))
+        .unwrap_or_else(|| panic!("the metrics process outlived [metrics]:\n{}", d.log_text()));
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for(DEADLINE, || connect(new_addr).is_err().then_some(()))
+        .unwrap_or_else(|| panic!("the metrics address still accepts:\n{}", d.log_text()));
+    echo_once(d.addr("tcp", "echo"), b"still\n").unwrap();
+}
+
+/// With `[daemon] user`, the metrics process drops privileges as workers
+/// do, and still serves (it only reads shared memory).
+#[test]
+fn the_metrics_process_runs_as_the_workers_user() {
+    // SAFETY: geteuid(2) has no memory effects and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping privileges needs root (CI runs this as root)");
+        return;
+    }
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!(
+        "[daemon]\nuser = \"nobody\"\ngroup = \"nogroup\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"
+    ));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let s = wait_scrape(&d, &url, "a ready worker", |s| {
+        get(s, "preforkd_workers", "service=echo,state=idle") == 1.0
+    });
+    assert_eq!(get(&s, "preforkd_generation", ""), 1.0);
+    let pid = metrics_pid(&d);
+    let worker = d.workers().into_iter().find(|p| *p != pid).unwrap();
+    let ids = |pid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (m, w) = (ids(pid), ids(worker));
+    assert_eq!(m, w, "the metrics process and a worker differ");
+    assert!(!m[0].split_whitespace().skip(1).any(|u| u == "0"), "{m:?}");
+}

@@ -1,0 +1,298 @@
+//! Recycling by `max_memory` and `max_age`: the replacement starts first,
+//! so the pool never has fewer ready workers than its size.
+//!
+//! This file has its own `main` (`harness = false` in Cargo.toml): with
+//! `PREFORKD_TEST_DAEMON=1` the binary is a preforkd daemon with the test
+//! plugin `grow` (echo that allocates and touches `mib` MiB per connection
+//! and keeps it: a worker whose memory grows); otherwise it runs the tests,
+//! each starting this same binary as its daemon.
+
+mod common;
+
+use std::io::{self, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use preforkd::handler::{Connection, Handlers, PluginInfo, Recv, Registry, StreamHandler};
+
+const DAEMON_ENV: &str = "PREFORKD_TEST_DAEMON";
+
+/// Memory the `grow` plugin keeps, per worker.
+static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Echo that first allocates `mib` MiB, writes every page, and keeps it.
+struct Grow {
+    mib: usize,
+}
+
+impl StreamHandler for Grow {
+    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
+        let mut block = vec![0u8; self.mib << 20];
+        for i in (0..block.len()).step_by(4096) {
+            block[i] = 1;
+        }
+        KEPT.lock().unwrap().push(block);
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.recv(&mut buf)? {
+                Recv::Data(n) => conn.write_all(&buf[..n])?,
+                Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::builtin();
+    r.register(PluginInfo::new("grow", "test plugin", |ctx| {
+        let mib = ctx
+            .options
+            .get("mib")
+            .and_then(|v| v.as_integer())
+            .ok_or("plugin \"grow\" needs mib = N")?;
+        Ok(Handlers::stream(Grow { mib: mib as usize }))
+    }));
+    r
+}
+
+fn start(config: &str) -> Daemon {
+    let exe = std::env::current_exe().expect("current_exe");
+    Daemon::start_bin(&exe, config, &[(DAEMON_ENV, "1")])
+}
+
+const CONTROL: &str = "[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
+
+/// Samples, in a thread until dropped, the fewest ready (idle or busy)
+/// workers of `service` that `status` showed, and how many samples.
+struct ReadySampler {
+    stop: std::sync::Arc<AtomicBool>,
+    min: std::sync::Arc<AtomicUsize>,
+    samples: std::sync::Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReadySampler {
+    fn start(d: &Daemon, service: &'static str) -> ReadySampler {
+        let config = d.path("preforkd.toml");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let min = std::sync::Arc::new(AtomicUsize::new(usize::MAX));
+        let samples = std::sync::Arc::new(AtomicUsize::new(0));
+        let (s, m, n) = (stop.clone(), min.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let out = run_cli(&config, &["status", "--json"]);
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    let ready = status_workers(&v, service)
+                        .iter()
+                        .filter(|w| w["state"] == "idle" || w["state"] == "busy")
+                        .count();
+                    m.fetch_min(ready, Ordering::SeqCst);
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        ReadySampler {
+            stop,
+            min,
+            samples,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; (fewest ready, samples).
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.min.load(Ordering::SeqCst),
+            self.samples.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// The pid in a `worker NAME (pid N)...` log line.
+fn pid_in(line: &str) -> i32 {
+    let start = line.find("(pid ").unwrap() + 5;
+    let end = start + line[start..].find(')').unwrap();
+    line[start..end].parse().unwrap()
+}
+
+/// Checks, for every recycled worker in the log, that its replacement was
+/// ready before it was asked to stop.
+fn replaced_first(log: &str) -> usize {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut n = 0;
+    for (i, l) in lines.iter().enumerate() {
+        if !l.contains("): replaced by ") {
+            continue;
+        }
+        n += 1;
+        let old = pid_in(l);
+        let new_pid: i32 = {
+            let tail = &l[l.find("replaced by ").unwrap()..];
+            pid_in(tail)
+        };
+        let ready = lines
+            .iter()
+            .position(|x| x.contains(&format!("(pid {new_pid}) ready")))
+            .unwrap_or_else(|| panic!("replacement {new_pid} never ready:\n{log}"));
+        let exited = lines
+            .iter()
+            .position(|x| x.contains(&format!("(pid {old}) exited")))
+            .unwrap_or(usize::MAX);
+        assert!(ready < i && i < exited, "order wrong for {old}:\n{log}");
+    }
+    n
+}
+
+/// A worker whose memory grows past max_memory is recycled: a replacement
+/// is started and ready before it is asked to stop, and the pool never has
+/// fewer ready workers than its size meanwhile.
+fn max_memory_recycles_a_growing_worker() {
+    let config = format!(
+        "{CONTROL}{}[service.handler.options]\nmib = 24\n",
+        service(
+            "grow",
+            &["tcp://127.0.0.1:0"],
+            "grow",
+            "workers = 2\nmax_memory = \"64MiB\""
+        )
+    );
+    let d = start(&config);
+    d.wait_ready();
+    let addr = d.addr("tcp", "grow");
+    wait_settled(&d);
+    let sampler = ReadySampler::start(&d, "grow");
+    let mut sent = 0;
+    let line = wait_for(Duration::from_secs(60), || {
+        if sent < 24 {
+            echo_once(addr, b"grow\n").unwrap();
+            sent += 1;
+        }
+        d.log_text()
+            .lines()
+            .find(|l| l.contains("): replaced by "))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no worker was recycled after {sent} connections:\n{}",
+            d.log_text()
+        )
+    });
+    let old = pid_in(&line);
+    assert!(
+        wait_for(DEADLINE, || (!alive(old)).then_some(())).is_some(),
+        "recycled worker {old} still alive:\n{}",
+        d.log_text()
+    );
+    // The replacement serves.
+    echo_once(addr, b"after\n").unwrap();
+    wait_settled(&d);
+    let (min, samples) = sampler.finish();
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("(pid {old}): resident memory "))
+                && l.contains(" > max_memory 64.0 MiB; recycling")),
+        "the reason is not logged:\n{log}"
+    );
+    assert!(replaced_first(&log) >= 1);
+    assert!(samples >= 3, "only {samples} status samples");
+    assert!(
+        min >= 2,
+        "the pool had only {min} ready workers while recycling:\n{log}"
+    );
+}
+
+/// max_age recycles workers one at a time, each replaced first; the pool
+/// stays at its size throughout.
+fn max_age_recycles_one_at_a_time() {
+    let config = service(
+        "aged",
+        &["tcp://127.0.0.1:0"],
+        "echo",
+        "workers = 2\nmax_age = \"2s\"\nmax_age_jitter = \"500ms\"",
+    );
+    let d = start(&format!("{CONTROL}{config}"));
+    d.wait_ready();
+    let addr = d.addr("tcp", "aged");
+    let sampler = ReadySampler::start(&d, "aged");
+    let end = Instant::now() + Duration::from_secs(60);
+    while d.count_log("): replaced by ") < 3 && Instant::now() < end {
+        echo_once(addr, b"x\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (min, samples) = sampler.finish();
+    let log = d.log_text();
+    assert!(replaced_first(&log) >= 3, "fewer than 3 recycles:\n{log}");
+    assert!(log.contains("> max_age 2s"), "{log}");
+    assert!(samples >= 3, "only {samples} status samples");
+    assert!(min >= 2, "only {min} ready workers while recycling:\n{log}");
+    // One at a time: never two replacements started before a stop.
+    let mut open = 0;
+    for l in log.lines() {
+        if l.contains("; recycling (a replacement starts first)") {
+            open += 1;
+            assert!(open <= 1, "two recycles at once:\n{log}");
+        }
+        if l.contains("): replaced by ") {
+            open -= 1;
+        }
+    }
+}
+
+fn main() {
+    if std::env::var_os(DAEMON_ENV).is_some_and(|v| v == "1") {
+        preforkd::cli::main_with(registry());
+    }
+    let tests: [(&str, fn()); 2] = [
+        (
+            "max_memory_recycles_a_growing_worker",
+            max_memory_recycles_a_growing_worker,
+        ),
+        (
+            "max_age_recycles_one_at_a_time",
+            max_age_recycles_one_at_a_time,
+        ),
+    ];
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    println!("\nrunning {} tests", tests.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+    {
+        match catch_unwind(AssertUnwindSafe(test)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(payload) => {
+                failed += 1;
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                println!(
+                    "test {name} ... FAILED: {}",
+                    msg.lines().next().unwrap_or_default()
+                );
+            }
+        }
+    }
+    println!("\n{passed} passed, {failed} failed");
+    let _ = std::io::stdout().flush();
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
