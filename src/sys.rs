@@ -425,3 +425,60 @@ pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String>
     }
     Ok(())
 }
+
+/// Makes a program spawned by a worker (the `exec` plugin) start clean and
+/// stay bounded: it dies with its worker (PR_SET_PDEATHSIG, SIGKILL), leads
+/// its own process group (so TERM/KILL reach its children too), and starts
+/// with every signal at its default and an empty mask (the worker ignores
+/// HUP, USR2, TTIN, TTOU and PIPE, and ignored signals survive execve).
+pub fn prepare_exec_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before execve and only
+    // calls prctl(2), setpgid(2), signal(2) with SIG_DFL and sigprocmask(2)
+    // on a stack-local set: all async-signal-safe, no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for sig in [
+                libc::SIGHUP,
+                libc::SIGINT,
+                libc::SIGQUIT,
+                libc::SIGTERM,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+                libc::SIGTTIN,
+                libc::SIGTTOU,
+                libc::SIGPIPE,
+                libc::SIGCHLD,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
+/// pidfd_open(2): a descriptor that polls readable when process `pid` exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to process group `pgid`; a group already gone is no error.
+pub fn kill_group(pgid: u32, sig: Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), sig);
+}

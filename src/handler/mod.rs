@@ -23,6 +23,7 @@ mod chargen;
 mod daytime;
 mod discard;
 mod echo;
+mod exec;
 
 /// Handles one stream connection (socketserver's `StreamRequestHandler`):
 /// a worker thread calls it once per accepted connection.
@@ -311,6 +312,7 @@ impl Registry {
         r.register(discard::plugin());
         r.register(daytime::plugin());
         r.register(chargen::plugin());
+        r.register(exec::plugin());
         r
     }
 
@@ -516,6 +518,11 @@ impl<'a> Connection<'a> {
     /// The address the client connected to.
     pub fn local_addr(&self) -> &Addr {
         &self.local
+    }
+
+    /// The socket itself (the `exec` plugin hands it to a program).
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     /// The service this connection belongs to.
