@@ -235,7 +235,7 @@ impl Exec {
         &self,
         mut child: Child,
         mut stdout: Option<(OwnedFd, &mut Vec<u8>)>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let pid = child.id();
         let pidfd = sys::pidfd_open(pid)?;
         let stderr: Option<OwnedFd> = child.stderr.take().map(OwnedFd::from);
@@ -351,7 +351,7 @@ impl Exec {
         if dropped_out > 0 {
             log::warn!("{tag}: reply cut at {MAX_REPLY} bytes ({dropped_out} bytes dropped)");
         }
-        Ok(())
+        Ok(killed.is_some())
     }
 }
 
@@ -472,7 +472,7 @@ impl<'a> StderrLog<'a> {
 
 impl StreamHandler for Exec {
     fn handle(&self, conn: &mut Connection) -> io::Result<()> {
-        let stream = conn.stream();
+        let stream = &conn.stream;
         // The program shares the socket's options: it expects plain blocking
         // reads and writes, not the worker's TICK timeouts.
         let sock = socket2::SockRef::from(stream);
@@ -530,7 +530,16 @@ impl StreamHandler for Exec {
         // bounded by its linger.
         sock.set_read_timeout(Some(TICK))?;
         sock.set_write_timeout(Some(TICK))?;
-        result
+        let killed = result?;
+        if killed || sys::shutdown_requested() {
+            // Killed, or the worker is stopping: no lingering for the
+            // client (the master's deadline is near). FIN now, drop what
+            // has arrived so that the close is no reset, and close.
+            let _ = conn.stream.shutdown_write();
+            let _ = conn.discard_input();
+            conn.eof = true;
+        }
+        Ok(())
     }
 }
 

@@ -520,11 +520,6 @@ impl<'a> Connection<'a> {
         &self.local
     }
 
-    /// The socket itself (the `exec` plugin hands it to a program).
-    pub(crate) fn stream(&self) -> &Stream {
-        &self.stream
-    }
-
     /// The service this connection belongs to.
     pub fn service(&self) -> &str {
         self.service
