@@ -3,12 +3,14 @@
 //! environment (`PROTO`, `TCPREMOTEIP`, …). On datagram sockets: one run per
 //! datagram, the payload on stdin, stdout (at most [`MAX_REPLY`]) the reply.
 
+use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -33,6 +35,8 @@ const KILL_GRACE: Duration = Duration::from_millis(500);
 struct Exec {
     service: String,
     program: PathBuf,
+    /// argv[0]: the command as written.
+    argv0: OsString,
     args: Vec<OsString>,
     env: Vec<(String, String)>,
     clear_env: bool,
@@ -130,6 +134,7 @@ fn parse(ctx: &PluginContext<'_>) -> Result<Exec, String> {
     Ok(Exec {
         service: ctx.service.to_string(),
         program,
+        argv0: command[0].clone(),
         args: command[1..].to_vec(),
         env,
         clear_env,
@@ -184,6 +189,16 @@ pub(super) fn plugin() -> PluginInfo {
     .with_check(|ctx| parse(ctx).map(drop))
 }
 
+/// A run's environment, by name.
+struct Env(BTreeMap<OsString, OsString>);
+
+impl Env {
+    fn env(&mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> &mut Env {
+        self.0.insert(k.into(), v.into());
+        self
+    }
+}
+
 fn ip_port(a: &Addr) -> Option<(String, String)> {
     match a {
         Addr::Inet(s) => Some((s.ip().to_string(), s.port().to_string())),
@@ -192,18 +207,50 @@ fn ip_port(a: &Addr) -> Option<(String, String)> {
 }
 
 impl Exec {
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        if self.clear_env {
-            cmd.env_clear();
+    /// The environment of one run, before the UCSPI variables.
+    fn command(&self) -> Env {
+        let mut env = Env(BTreeMap::new());
+        if !self.clear_env {
+            env.0.extend(std::env::vars_os());
         }
-        if let Some(d) = &self.cwd {
-            cmd.current_dir(d);
+        env.env("PREFORKD_SERVICE", &self.service);
+        env
+    }
+
+    /// Starts the program with `env` (plus the `env` option) and `stdio`.
+    fn spawn(&self, mut env: Env, stdio: [RawFd; 3]) -> io::Result<u32> {
+        self.finish_env(&mut env);
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+        };
+        let mut argv = Vec::with_capacity(self.args.len() + 1);
+        argv.push(cstr(self.argv0.as_bytes())?);
+        for a in &self.args {
+            argv.push(cstr(a.as_bytes())?);
         }
-        cmd.env("PREFORKD_SERVICE", &self.service);
-        sys::prepare_exec_child(&mut cmd);
-        cmd
+        let mut envp = Vec::with_capacity(env.0.len());
+        for (k, v) in env.0 {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(cstr(&kv)?);
+        }
+        let spec = sys::ProgramSpawn {
+            path: cstr(self.program.as_os_str().as_bytes())?,
+            argv,
+            envp,
+            cwd: match &self.cwd {
+                Some(d) => Some(cstr(d.as_os_str().as_bytes())?),
+                None => None,
+            },
+            stdio,
+        };
+        sys::spawn_program(&spec).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot run {}: {e}", self.program.display()),
+            )
+        })
     }
 
     /// How long before `graceful_timeout` (when the master kills the
@@ -222,7 +269,7 @@ impl Exec {
         }
     }
 
-    fn finish_env(&self, cmd: &mut Command) {
+    fn finish_env(&self, cmd: &mut Env) {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -233,12 +280,20 @@ impl Exec {
     /// MAX_REPLY bytes of `stdout` if given. Logs a non-zero exit.
     fn wait(
         &self,
-        mut child: Child,
+        pid: u32,
+        stderr: OwnedFd,
         mut stdout: Option<(OwnedFd, &mut Vec<u8>)>,
     ) -> io::Result<bool> {
-        let pid = child.id();
-        let pidfd = sys::pidfd_open(pid)?;
-        let stderr: Option<OwnedFd> = child.stderr.take().map(OwnedFd::from);
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Cannot watch it: do not leave it behind.
+                sys::kill_group(pid, Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+                return Err(e);
+            }
+        };
+        let stderr = Some(stderr);
         if let Some(e) = &stderr {
             nix::fcntl::fcntl(
                 e,
@@ -333,19 +388,29 @@ impl Exec {
             collect(fd, buf, &mut dropped_out);
         }
         log.finish();
-        let status = child.wait()?;
+        let status = loop {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
+                Err(nix::errno::Errno::EINTR) => {}
+                other => break other?,
+            }
+        };
+        let (code, signal) = match status {
+            nix::sys::wait::WaitStatus::Exited(_, c) => (Some(c), None),
+            nix::sys::wait::WaitStatus::Signaled(_, s, _) => (None, Some(s.as_str())),
+            _ => (None, None),
+        };
         let tag = format!("exec {}[pid {pid}]", self.service);
         if let Some((_, why)) = killed {
             log::warn!(
                 "{tag}: killed {why} ({})",
-                match status.signal() {
-                    Some(s) => format!("died of signal {}", signal_name(s)),
-                    None => format!("exit status {}", status.code().unwrap_or(-1)),
+                match signal {
+                    Some(s) => format!("died of signal {s}"),
+                    None => format!("exit status {}", code.unwrap_or(-1)),
                 }
             );
-        } else if let Some(s) = status.signal() {
-            log::warn!("{tag}: killed by signal {}", signal_name(s));
-        } else if let Some(c) = status.code().filter(|&c| c != 0) {
+        } else if let Some(s) = signal {
+            log::warn!("{tag}: killed by signal {s}");
+        } else if let Some(c) = code.filter(|&c| c != 0) {
             log::warn!("{tag}: exit status {c}");
         }
         if dropped_out > 0 {
@@ -353,12 +418,6 @@ impl Exec {
         }
         Ok(killed.is_some())
     }
-}
-
-fn signal_name(s: i32) -> String {
-    Signal::try_from(s)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| s.to_string())
 }
 
 /// Reads what is there into `buf`, up to MAX_REPLY; false at EOF.
@@ -510,22 +569,11 @@ impl StreamHandler for Exec {
                 }
             }
         }
-        self.finish_env(&mut cmd);
-        let input = stream.as_fd().try_clone_to_owned()?;
-        let output = stream.as_fd().try_clone_to_owned()?;
-        cmd.stdin(Stdio::from(input))
-            .stdout(Stdio::from(output))
-            .stderr(Stdio::piped());
-        let child = cmd.spawn();
-        // Our dups went to the child (and are closed in the parent by now).
-        drop(cmd);
-        let result = match child {
-            Ok(child) => self.wait(child, None),
-            Err(e) => Err(io::Error::new(
-                e.kind(),
-                format!("cannot run {}: {e}", self.program.display()),
-            )),
-        };
+        let (err_rd, err_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let sockfd = stream.as_fd().as_raw_fd();
+        let spawned = self.spawn(cmd, [sockfd, sockfd, err_wr.as_raw_fd()]);
+        drop(err_wr);
+        let result = spawned.and_then(|pid| self.wait(pid, err_rd, None));
         // Back to the worker's ticks, so that the close that follows is
         // bounded by its linger.
         sock.set_read_timeout(Some(TICK))?;
@@ -559,7 +607,6 @@ impl DatagramHandler for Exec {
                 }
             }
         }
-        self.finish_env(&mut cmd);
         // The payload (at most 64 KiB, a pipe's capacity) is written before
         // the program starts, so nothing can block on it.
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -581,18 +628,13 @@ impl DatagramHandler for Exec {
         }
         drop(wr);
         let (out_rd, out_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        cmd.stdin(Stdio::from(rd))
-            .stdout(Stdio::from(out_wr))
-            .stderr(Stdio::piped());
-        let child = cmd.spawn();
-        drop(cmd);
-        let child = child.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot run {}: {e}", self.program.display()),
-            )
-        })?;
-        self.wait(child, Some((out_rd, reply)))?;
+        let (err_rd, err_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let pid = self.spawn(
+            cmd,
+            [rd.as_raw_fd(), out_wr.as_raw_fd(), err_wr.as_raw_fd()],
+        );
+        drop((rd, out_wr, err_wr));
+        self.wait(pid?, err_rd, Some((out_rd, reply)))?;
         Ok(true)
     }
 }
