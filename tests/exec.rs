@@ -428,3 +428,58 @@ fn menu_dialogue_over_tcp_and_unix() {
     assert_eq!(read_to_eof(&mut s).unwrap(), b"");
     let _ = s.write_all(b"");
 }
+
+#[test]
+fn a_program_starts_with_default_signals_and_dies_with_its_worker() {
+    let d = start_with(&[("pid.sh", "echo $$\nexec sleep 60\n")], |dir| {
+        exec_service(
+            &[
+                "tcp://127.0.0.1:0",
+                &format!("unix:{}/sig.sock", dir.display()),
+            ],
+            "workers = 1",
+            &format!("command = [\"{}/pid.sh\"]", dir.display()),
+        )
+    });
+    d.wait_ready();
+    // The worker ignores HUP, USR2, TTIN, TTOU and PIPE; the program must not.
+    let sig = start_with(&[], |dir| {
+        exec_service(
+            &[&format!("unix:{}/s.sock", dir.display())],
+            "",
+            "command = [\"grep\", \"-E\", \"^Sig(Ign|Blk)\", \"/proc/self/status\"]",
+        )
+    });
+    sig.wait_ready();
+    let mut s = UnixStream::connect(sig.path("s.sock")).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let text = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    let mask = |name: &str| {
+        let line = text.lines().find(|l| l.starts_with(name)).expect(&text);
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    assert_eq!(mask("SigBlk:"), 0, "{text}");
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    let worker_ignored = [
+        libc::SIGHUP,
+        libc::SIGUSR2,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGPIPE,
+    ]
+    .into_iter()
+    .map(bit)
+    .fold(0, |a, b| a | b);
+    assert_eq!(mask("SigIgn:") & worker_ignored, 0, "{text}");
+
+    let mut c = connect(d.addr("tcp", "x")).unwrap();
+    let pid: i32 = read_line(&mut c).unwrap().trim().parse().unwrap();
+    assert!(alive(pid));
+    let worker = d.wait_workers(1)[0];
+    // SAFETY: kill(2) has no memory effects.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    wait_for(DEADLINE, || {
+        (!alive(pid) || state(pid) == Some('Z')).then_some(())
+    })
+    .unwrap_or_else(|| panic!("program {pid} outlived its worker {worker}"));
+}
