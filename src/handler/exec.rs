@@ -130,7 +130,7 @@ fn parse(ctx: &PluginContext<'_>) -> Result<Exec, String> {
             );
         }
     };
-    let program = resolve(Path::new(&command[0]), clear_env)?;
+    let program = resolve(Path::new(&command[0]))?;
     Ok(Exec {
         service: ctx.service.to_string(),
         program,
@@ -146,7 +146,7 @@ fn parse(ctx: &PluginContext<'_>) -> Result<Exec, String> {
 
 /// Finds the program (a PATH lookup for a bare name) and checks that it is
 /// an executable file.
-fn resolve(name: &Path, _clear_env: bool) -> Result<PathBuf, String> {
+fn resolve(name: &Path) -> Result<PathBuf, String> {
     let found = if name.as_os_str().as_encoded_bytes().contains(&b'/') {
         name.to_path_buf()
     } else {
@@ -660,10 +660,10 @@ mod tests {
 
     #[test]
     fn a_bare_name_is_found_in_path_and_a_missing_one_is_refused() {
-        assert!(resolve(Path::new("sh"), false).unwrap().is_absolute());
-        let e = resolve(Path::new("/nonexistent/prog"), false).unwrap_err();
+        assert!(resolve(Path::new("sh")).unwrap().is_absolute());
+        let e = resolve(Path::new("/nonexistent/prog")).unwrap_err();
         assert!(e.contains("/nonexistent/prog"), "{e}");
-        let e = resolve(Path::new("/etc/passwd"), false).unwrap_err();
+        let e = resolve(Path::new("/etc/passwd")).unwrap_err();
         assert!(e.contains("not executable"), "{e}");
     }
 }
