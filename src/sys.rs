@@ -475,3 +475,164 @@ fn page_size() -> u64 {
     SIZE.store(n, Ordering::Relaxed);
     n
 }
+
+/// pidfd_open(2): a descriptor that polls readable when process `pid` exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to process group `pgid`; a group already gone is no error.
+pub fn kill_group(pgid: u32, sig: Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), sig);
+}
+
+/// What [`spawn_program`] runs: everything prepared in the parent, so that
+/// the child only makes system calls.
+pub struct ProgramSpawn {
+    /// The program's path.
+    pub path: std::ffi::CString,
+    /// argv, argv[0] first.
+    pub argv: Vec<std::ffi::CString>,
+    /// The whole environment, `NAME=value`.
+    pub envp: Vec<std::ffi::CString>,
+    /// Directory to change to, if any.
+    pub cwd: Option<std::ffi::CString>,
+    /// Descriptors that become the program's 0, 1 and 2.
+    pub stdio: [RawFd; 3],
+}
+
+struct SpawnArgs<'a> {
+    spec: &'a ProgramSpawn,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    /// errno of the step that failed in the child, 0 if execve succeeded.
+    err: i32,
+}
+
+/// Signals the worker handles or ignores, which a program gets back at their
+/// default (execve resets handled ones, not ignored ones).
+const PROGRAM_DEFAULT_SIGNALS: [libc::c_int; 10] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGPIPE,
+    libc::SIGCHLD,
+];
+
+extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the SpawnArgs the parent passed to clone(2); with
+    // CLONE_VM|CLONE_VFORK the parent thread is suspended until this child
+    // calls execve or _exit, so the struct is alive and nobody else touches
+    // it. Only raw system calls follow: no allocation, no lock, no libc
+    // state shared with the parent's other threads.
+    unsafe {
+        let a = &mut *(arg as *mut SpawnArgs<'_>);
+        let fail = |a: &mut SpawnArgs<'_>| -> libc::c_int {
+            a.err = *libc::__errno_location();
+            if a.err == 0 {
+                a.err = libc::EINVAL;
+            }
+            libc::_exit(127)
+        };
+        // The program dies with its worker, and leads its own group.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return fail(a);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(a);
+        }
+        // Dispositions are this child's own (no CLONE_SIGHAND).
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in PROGRAM_DEFAULT_SIGNALS {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        for (target, &fd) in a.spec.stdio.iter().enumerate() {
+            let target = target as libc::c_int;
+            if fd == target {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return fail(a);
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return fail(a);
+            }
+        }
+        if let Some(cwd) = &a.spec.cwd
+            && libc::chdir(cwd.as_ptr()) != 0
+        {
+            return fail(a);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(a.spec.path.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+        fail(a)
+    }
+}
+
+/// Starts a program the way posix_spawn(3) does (clone with CLONE_VM and
+/// CLONE_VFORK: no copy of the worker's memory, which a fork of a
+/// multi-threaded worker per connection would cost), with what posix_spawn
+/// cannot do: PR_SET_PDEATHSIG(SIGKILL), so the program dies with its
+/// worker. It also leads its own process group, starts with an empty signal
+/// mask and the worker's signals at their default, and gets `stdio` as its
+/// 0, 1, 2 (all other descriptors of the worker are close-on-exec).
+/// Returns its pid once it has called execve.
+pub fn spawn_program(spec: &ProgramSpawn) -> io::Result<u32> {
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|s| s.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|s| s.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let mut args = SpawnArgs {
+        spec,
+        argv: &argv,
+        envp: &envp,
+        err: 0,
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: all signals are blocked around clone(2), so no handler of the
+    // worker runs on the child's stack before it resets them; the child runs
+    // `spawn_child` on `stack` (alive until clone returns: CLONE_VFORK
+    // suspends this thread until the child has exec'd or exited), with
+    // `args`, which outlives the call for the same reason. The stack grows
+    // down on every Linux target this builds for, so its top is passed.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        let pid = libc::clone(
+            spawn_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut args as *mut SpawnArgs<'_> as *mut libc::c_void,
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(clone_err);
+        }
+        pid
+    };
+    drop(stack);
+    if args.err != 0 {
+        // It failed before execve and has exited: reap it.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        return Err(io::Error::from_raw_os_error(args.err));
+    }
+    Ok(pid as u32)
+}

@@ -23,6 +23,7 @@ mod chargen;
 mod daytime;
 mod discard;
 mod echo;
+mod exec;
 
 /// Handles one stream connection (socketserver's `StreamRequestHandler`):
 /// a worker thread calls it once per accepted connection.
@@ -311,6 +312,7 @@ impl Registry {
         r.register(discard::plugin());
         r.register(daytime::plugin());
         r.register(chargen::plugin());
+        r.register(exec::plugin());
         r
     }
 
