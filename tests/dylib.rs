@@ -286,3 +286,50 @@ fn options_reach_init_as_json_and_datagrams_are_answered() {
     let n = u.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"hello there|t|ping");
 }
+
+/// target/debug/examples/libmenu_dylib.so, next to this test's deps/.
+fn rust_menu_lib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let lib = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/libmenu_dylib.so");
+    assert!(
+        lib.exists(),
+        "{} is missing: run `cargo test` (which builds the examples) or `cargo build --example menu_dylib`",
+        lib.display()
+    );
+    lib
+}
+
+#[test]
+fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
+    let lib = rust_menu_lib();
+    let d = Daemon::start(&dylib_service(
+        &["tcp://127.0.0.1:0", "unix:{dir}/menu.sock"],
+        "workers = 1\nthreads = 2",
+        &lib,
+        "",
+    ));
+    d.wait_ready();
+    d.wait_log("dylib plugin: menu (Rust) ready");
+    let addr = d.addr("tcp", "t");
+    menu_dialogue(connect(addr).unwrap());
+    let unix = UnixStream::connect(d.path("menu.sock")).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    menu_dialogue(unix);
+    let worker = d.wait_workers(1)[0];
+    // A panic: that connection is closed, the worker goes on.
+    let mut s = connect(addr).unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), MENU_BANNER);
+    assert_eq!(ask(&mut s, "0"), MENU_OPERATOR);
+    s.write_all(b"panic\n").unwrap();
+    assert_eq!(read_to_eof(&mut s).unwrap(), b"");
+    d.wait_log("menu serve_stream panicked: the caller asked for a panic");
+    assert!(alive(worker));
+    menu_dialogue(connect(addr).unwrap());
+    assert_eq!(d.workers(), vec![worker], "{}", d.log_text());
+}

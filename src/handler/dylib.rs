@@ -113,6 +113,50 @@ unsafe impl Sync for Plugin {}
 /// `preforkd_plugin_entry`'s type.
 pub type EntryFn = unsafe extern "C" fn() -> *const Plugin;
 
+impl Host {
+    /// For a Rust plugin: whether the worker is asked to stop.
+    pub fn is_shutting_down(&self) -> bool {
+        // SAFETY: preforkd's host_shutting_down has no preconditions.
+        self.shutting_down.is_some_and(|f| unsafe { f() } != 0)
+    }
+
+    /// For a Rust plugin: one line to preforkd's log (a plugin's own
+    /// `log` macros go nowhere: it has its own copy of the `log` crate).
+    pub fn log_line(&self, level: c_int, msg: &str) {
+        if let Some(f) = self.log {
+            let msg = text(msg.to_string());
+            // SAFETY: msg is NUL-terminated and outlives the call.
+            unsafe { f(level, msg.as_ptr()) };
+        }
+    }
+}
+
+/// For a Rust plugin's `extern "C"` callbacks: runs `f`, and turns a panic
+/// into `on_panic` plus an error line in preforkd's log (through `host`,
+/// when known), so that a panic never unwinds across the C ABI.
+///
+/// ```
+/// use preforkd::handler::dylib::guard;
+/// let rc = guard(None, "serve_stream", -1, || -> i32 { panic!("bad input") });
+/// assert_eq!(rc, -1);
+/// ```
+pub fn guard<T>(host: Option<&Host>, what: &str, on_panic: T, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            if let Some(h) = host {
+                h.log_line(LOG_ERROR, &format!("{what} panicked: {msg}"));
+            }
+            on_panic
+        }
+    }
+}
+
 unsafe extern "C" fn host_shutting_down() -> c_int {
     sys::shutdown_requested() as c_int
 }
