@@ -333,3 +333,25 @@ fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
     menu_dialogue(connect(addr).unwrap());
     assert_eq!(d.workers(), vec![worker], "{}", d.log_text());
 }
+
+#[test]
+fn c_echo_plugin_echoes_streams_and_datagrams() {
+    let dir = tempdir();
+    let lib = cc(dir.path(), "examples/dylib/echo.c", "libecho.so", &[]);
+    let d = Daemon::start(&dylib_service(
+        &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
+        "",
+        &lib,
+        "",
+    ));
+    d.wait_ready();
+    let addr = d.addr("tcp", "t");
+    echo_once(addr, b"hello, dylib\n").unwrap();
+    echo_once(addr, &vec![b'x'; 200_000]).unwrap();
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(DEADLINE)).unwrap();
+    u.send_to(b"datagram", d.addr("udp", "t")).unwrap();
+    let mut buf = [0u8; 64];
+    let n = u.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"datagram");
+}
