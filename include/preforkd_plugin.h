@@ -62,7 +62,7 @@ struct preforkd_host {
 struct preforkd_conn {
     const char *service; /* the service's name */
     const char *peer;    /* "127.0.0.1:5000", "[::1]:5000", "unix:(unnamed)" */
-    const char *local;   /* the address the client reached */
+    const char *local;   /* the address the client reached ("" for a datagram) */
     int family;          /* AF_INET, AF_INET6 or AF_UNIX */
 };
 

@@ -355,3 +355,11 @@ fn c_echo_plugin_echoes_streams_and_datagrams() {
     let n = u.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"datagram");
 }
+
+#[test]
+fn a_library_without_a_datagram_callback_cannot_serve_udp() {
+    let dir = tempdir();
+    let lib = cc(dir.path(), "examples/dylib/menu.c", "libmenu.so", &[]);
+    let config = dylib_service(&["udp://127.0.0.1:0"], "", &lib, "");
+    assert_boot_fails(&config, "built no datagram handler");
+}
