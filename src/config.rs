@@ -1613,7 +1613,7 @@ plugin = "echo"
             e.starts_with("t.toml:5:10: unknown plugin \"ehco\": expected one of"),
             "{e}"
         );
-        assert!(e.contains("chargen, daytime, discard, echo"), "{e}");
+        assert!(e.contains("chargen, daytime, discard, dylib, echo"), "{e}");
     }
 
     #[test]

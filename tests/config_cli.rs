@@ -289,7 +289,7 @@ fn unknown_plugin_lists_the_known_ones() {
         10,
         &[
             "unknown plugin \"ehco\"",
-            "expected one of chargen, daytime, discard, echo",
+            "expected one of chargen, daytime, discard, dylib, echo",
         ],
     );
 }

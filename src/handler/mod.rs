@@ -22,6 +22,7 @@ use crate::sys;
 mod chargen;
 mod daytime;
 mod discard;
+pub mod dylib;
 mod echo;
 mod exec;
 
@@ -313,6 +314,7 @@ impl Registry {
         r.register(daytime::plugin());
         r.register(chargen::plugin());
         r.register(exec::plugin());
+        r.register(dylib::plugin());
         r
     }
 
