@@ -363,3 +363,42 @@ fn a_library_without_a_datagram_callback_cannot_serve_udp() {
     let config = dylib_service(&["udp://127.0.0.1:0"], "", &lib, "");
     assert_boot_fails(&config, "built no datagram handler");
 }
+
+#[test]
+fn a_reload_picks_up_a_changed_library_file() {
+    // An installer replaces the file at the same path (a new file renamed
+    // over the old one); the config does not change.
+    let dir = tempdir();
+    let lib = cc(dir.path(), "examples/dylib/echo.c", "libplugin.so", &[]);
+    let d = Daemon::start(&dylib_service(
+        &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
+        "",
+        &lib,
+        "",
+    ));
+    d.wait_ready();
+    let udp = d.addr("udp", "t");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 512];
+    u.send_to(b"ping", udp).unwrap();
+    let n = u.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping", "the echo library answers");
+
+    let next = cc(dir.path(), "tests/dylib/test_plugin.c", "next.so", &[]);
+    std::fs::rename(&next, &lib).unwrap();
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // The new generation loaded the new file: the test plugin answers
+    // "BANNER|SERVICE|PAYLOAD" (no banner option here).
+    let reply = wait_for(DEADLINE, || {
+        u.send_to(b"ping", udp).ok()?;
+        let n = u.recv(&mut buf).ok()?;
+        (buf[..n] == *b"|t|ping").then_some(())
+    });
+    assert!(
+        reply.is_some(),
+        "the reloaded workers still run the old library"
+    );
+    d.wait_log("test plugin initialised");
+}
