@@ -542,25 +542,69 @@ pub fn status_table(v: &Value) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",
-            "PID", "WORKER", "GEN", "STATE", "SERVED", "ACTIVE", "AGE"
+            "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>9} {:>9} {:>7} {:>6} {:>10}",
+            "PID",
+            "WORKER",
+            "GEN",
+            "STATE",
+            "SERVED",
+            "ACTIVE",
+            "IN",
+            "OUT",
+            "REFUSED",
+            "BEAT",
+            "AGE"
         );
         for w in svc["workers"].as_array().into_iter().flatten() {
             let age = Duration::from_secs(w["age_ms"].as_u64().unwrap_or(0) / 1000);
+            let beat = match w["heartbeat_age_ms"].as_u64() {
+                Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+                None => "-".into(),
+            };
             let _ = writeln!(
                 out,
-                "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>10}",
+                "  {:<8} {:<12} {:>4} {:<9} {:>8} {:>6} {:>9} {:>9} {:>7} {:>6} {:>10}",
                 w["pid"].to_string(),
                 w["name"].as_str().unwrap_or("?"),
                 w["generation"].to_string(),
                 w["state"].as_str().unwrap_or("?"),
                 w["served"].to_string(),
                 w["active"].to_string(),
+                bytes(w["bytes_in"].as_u64()),
+                bytes(w["bytes_out"].as_u64()),
+                w["refused"].as_u64().map_or("-".into(), |n| n.to_string()),
+                beat,
                 humantime::format_duration(age).to_string()
             );
+            for c in w["connections"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "    connection from {} for {:.1}s",
+                    c["peer"].as_str().unwrap_or("?"),
+                    c["age_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+                );
+            }
         }
     }
     out
+}
+
+/// A byte count in the table: `512`, `3.2K`, `41.0M`, `7.5G`; `-` unknown.
+fn bytes(n: Option<u64>) -> String {
+    let Some(n) = n else { return "-".into() };
+    match n {
+        0..1024 => n.to_string(),
+        _ => {
+            let mut v = n as f64 / 1024.0;
+            for unit in ["K", "M", "G", "T"] {
+                if v < 1024.0 || unit == "T" {
+                    return format!("{v:.1}{unit}");
+                }
+                v /= 1024.0;
+            }
+            unreachable!("the loop returns at T")
+        }
+    }
 }
 
 /// `preforkd plugins`: one line per plugin, name, socket kinds, description.

@@ -18,6 +18,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::acl::Acl;
 use crate::handler::Registry;
 
 /// The embedded default configuration (`config/default.toml`): echo on
@@ -590,6 +591,29 @@ pub struct ServiceConfig {
     /// How long a new worker may take to initialise its handler.
     #[serde(default = "thirty_seconds", with = "nonzero_duration")]
     pub ready_timeout: Duration,
+    /// A worker busy on one connection (or datagram) longer than this, or
+    /// whose heartbeat stops this long, is sent SIGABRT, then SIGKILL, and
+    /// replaced ("0s", the default: never).
+    #[serde(default, with = "duration")]
+    pub timeout: Duration,
+    /// A connection whose handler waits this long for input that does not
+    /// come is closed ("0s", the default: never). `read_timeout` is another
+    /// name for it.
+    #[serde(default, with = "duration", alias = "read_timeout")]
+    pub idle_timeout: Duration,
+    /// Peers refused if one of these matches (see [`crate::acl`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Spanned<String>>,
+    /// If not empty, peers refused unless one of these matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Spanned<String>>,
+    /// `allow` and `deny`, compiled (filled in by validation).
+    #[serde(skip)]
+    pub acl: Acl,
+    /// Most connections from one IP address at once, across the service's
+    /// workers (0, the default: no limit).
+    #[serde(default)]
+    pub max_connections_per_ip: u32,
     /// listen(2) backlog of stream sockets.
     #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
     pub backlog: i32,
@@ -1321,6 +1345,21 @@ impl Config {
                 .iter()
                 .map(|a| a.get_ref().parse::<ListenAddr>().map_err(|e| (a.span(), e)))
                 .collect::<Result<_, _>>()?;
+            svc.acl = Acl::parse(
+                svc.allow.iter().map(|r| r.get_ref().as_str()),
+                svc.deny.iter().map(|r| r.get_ref().as_str()),
+            )
+            .map_err(|(is_allow, i, e)| {
+                let list = if is_allow { &svc.allow } else { &svc.deny };
+                (
+                    list[i].span(),
+                    format!(
+                        "service {:?}: {}: {e}",
+                        svc.name.get_ref().as_str(),
+                        if is_allow { "allow" } else { "deny" }
+                    ),
+                )
+            })?;
         }
         self.daemon.credentials = self.daemon.resolve()?;
         if self.services.is_empty() {
@@ -1634,6 +1673,52 @@ plugin = "echo"
             "[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"
         ));
         assert!(e.contains("at most 107 bytes"), "{e}");
+    }
+
+    #[test]
+    fn access_lists_timeouts_and_per_ip_limit() {
+        let svc = |extra: &str| {
+            format!(
+                "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n{extra}\n[service.handler]\nplugin = \"echo\"\n"
+            )
+        };
+        let c = parse(&svc(
+            "allow = [\"127.0.0.0/8\", \"::1\", \"uid:0\"]\ndeny = [\"127.0.0.2\"]\nmax_connections_per_ip = 3\ntimeout = \"10s\"\nread_timeout = \"5s\"",
+        ))
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.acl.allow.len(), 3);
+        assert_eq!(s.acl.deny.len(), 1);
+        assert_eq!(s.max_connections_per_ip, 3);
+        assert_eq!(s.timeout, Duration::from_secs(10));
+        assert_eq!(
+            s.idle_timeout,
+            Duration::from_secs(5),
+            "read_timeout is an alias"
+        );
+        let d = parse(&svc("")).unwrap();
+        let s = &d.services[0];
+        assert!(s.acl.is_empty());
+        assert_eq!(
+            (s.timeout, s.idle_timeout),
+            (Duration::ZERO, Duration::ZERO)
+        );
+        let e = err(&svc("deny = [\"10.0.0.0/8\", \"10.0.0.300\"]"));
+        assert!(
+            e.starts_with("t.toml:4:23: service \"a\": deny: invalid address \"10.0.0.300\": expected an IP address"),
+            "{e}"
+        );
+        let e = err(&svc("allow = [\"10.1.0.0/8\"]"));
+        assert!(
+            e.starts_with(
+                "t.toml:4:10: service \"a\": allow: \"10.1.0.0/8\" has bits set past its /8 prefix"
+            ),
+            "{e}"
+        );
+        let e = err(&svc("allow = \"127.0.0.1\""));
+        assert!(e.starts_with("t.toml:4:9: invalid type"), "{e}");
+        let e = err(&svc("idle_timeout = \"1s\"\nread_timeout = \"2s\""));
+        assert!(e.contains("duplicate field"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`listener`]: binding TCP, UDP and Unix sockets in the master.
 //! - [`master`]: the master loop and its phases.
 //! - [`worker`]: what a forked worker runs.
+//! - [`acl`]: a service's `allow` and `deny` lists.
+//! - [`scoreboard`]: the workers' shared-memory slots.
 //! - [`handler`]: the handler traits, the connection type, the plugin
 //!   registry and the built-in plugins (echo, discard, daytime, chargen).
 //! - [`signals`]: the master's signal self-pipe.
@@ -52,6 +54,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod acl;
 pub mod cli;
 pub mod config;
 pub mod control;

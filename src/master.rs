@@ -52,6 +52,7 @@ use crate::systemd::{self, Notifier, NotifyState};
 use crate::upgrade::{self, Exec, Inherited};
 use crate::worker::{self, WorkerSpec};
 
+mod health;
 mod policy;
 
 use policy::{MetricsChild, Recycle};
@@ -422,6 +423,8 @@ pub struct Master {
     maintain_at: Option<Instant>,
     /// The `[metrics]` child.
     metrics: MetricsChild,
+    /// The stuck-worker check (`timeout`): src/master/health.rs.
+    health: health::Health,
 }
 
 /// Finds the listener named `key`.
@@ -722,6 +725,7 @@ impl Master {
             stats,
             maintain_at,
             metrics: MetricsChild::default(),
+            health: health::Health::default(),
         })
     }
 
@@ -769,6 +773,7 @@ impl Master {
             self.check_start();
             self.check_reload();
             self.enforce_deadlines();
+            self.check_health();
             if let Some(c) = &mut self.control {
                 c.expire(Instant::now());
             }
@@ -902,6 +907,7 @@ impl Master {
             .chain(control)
             .chain(self.watchdog_at)
             .chain(self.policy_deadlines())
+            .chain(self.health_deadlines())
             .min()
     }
 
@@ -1466,7 +1472,7 @@ impl Master {
             let l = find(&self.listeners, key).expect("every pool's listeners are open");
             listeners.push((l.bound.clone(), l.try_clone_fd().map_err(sys_err("dup"))?));
         }
-        let board = self.board.claim();
+        let board = health::claim(&mut self.board, &pool.config, generation, &name);
         match sys::fork().map_err(sys_err("fork")) {
             Err(e) => {
                 if let Some(b) = board {
@@ -2368,7 +2374,9 @@ impl Master {
         let now = Instant::now();
         let worker = |pid: &Pid, c: &Child| {
             let counters = c.board.map(|b| self.board.read(b)).unwrap_or_default();
-            let state = if c.kill_at.is_some() || c.slot.is_none() {
+            let state = if self.health.is_stuck(*pid) {
+                "stuck"
+            } else if c.kill_at.is_some() || c.slot.is_none() {
                 "stopping"
             } else if !c.ready {
                 "starting"
@@ -2377,7 +2385,7 @@ impl Master {
             } else {
                 "idle"
             };
-            json!({
+            let mut w = json!({
                 "pid": pid.as_raw(),
                 "name": c.name,
                 "generation": c.generation,
@@ -2385,7 +2393,9 @@ impl Master {
                 "served": counters.served,
                 "active": counters.active,
                 "age_ms": (now - c.started).as_millis() as u64,
-            })
+            });
+            self.board_status(c, &mut w);
+            w
         };
         let mut names: Vec<String> = self.pools.iter().map(|p| p.name().to_string()).collect();
         for c in self.children.values() {

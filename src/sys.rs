@@ -338,6 +338,20 @@ pub fn shared_atomics(n: usize) -> io::Result<&'static [AtomicU64]> {
     Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), n) })
 }
 
+/// Milliseconds of CLOCK_MONOTONIC_COARSE: the same clock in every process
+/// of the machine, read through the vDSO (no system call), to a few
+/// milliseconds. The scoreboard's heartbeats and connection starts use it.
+pub fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which we own; the clock id
+    // is valid on every Linux since 2.6.32, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
 /// Sets or clears close-on-exec on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     use nix::fcntl::{F_GETFD, F_SETFD, FdFlag, fcntl};

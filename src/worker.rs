@@ -17,6 +17,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::unistd::Pid;
 
+use crate::acl::{self, Acl};
 use crate::config::{Credentials, ListenAddr, ServiceConfig};
 use crate::exit::worker as code;
 use crate::handler::{
@@ -24,7 +25,7 @@ use crate::handler::{
     StreamHandler,
 };
 use crate::listener::WorkerSocket;
-use crate::scoreboard::Slot;
+use crate::scoreboard::{Peer, Slot, State};
 use crate::sys;
 
 /// How long a closing connection waits for the client to finish sending
@@ -139,6 +140,8 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         name: name.clone(),
         master: spec.master,
         graceful: spec.service.graceful_timeout,
+        board: spec.board,
+        beat: heartbeat_interval(spec.service.timeout),
     };
     if let Err(e) = std::thread::Builder::new()
         .name("watchdog".into())
@@ -155,6 +158,9 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         return code::ORPHANED;
     }
     drop(ready);
+    if let Some(b) = &spec.board {
+        b.set_state(State::Ready);
+    }
 
     let budget = match spec.service.max_requests {
         0 => u64::MAX,
@@ -170,6 +176,11 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         board: spec.board,
         budget,
         failed: AtomicBool::new(false),
+        acl: &spec.service.acl,
+        per_ip: spec.service.max_connections_per_ip,
+        idle_timeout: spec.service.idle_timeout,
+        refused_logged_ms: AtomicU64::new(0),
+        refused_unlogged: AtomicU64::new(0),
     };
     worker.serve(spec.service.threads);
     if worker.failed.load(Ordering::SeqCst) {
@@ -212,6 +223,20 @@ struct Watchdog {
     name: String,
     master: Pid,
     graceful: Duration,
+    /// The slot whose heartbeat it keeps.
+    board: Option<Slot>,
+    /// How often.
+    beat: Duration,
+}
+
+/// How often the watchdog thread writes the heartbeat: every second, or
+/// four times per `timeout` when that is shorter, so that a live worker's
+/// heartbeat is never `timeout` old.
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    if timeout.is_zero() {
+        return Duration::from_secs(1);
+    }
+    (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// How long a worker whose master is gone may finish its connections.
@@ -221,16 +246,37 @@ pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 const WATCHDOG_MARGIN: Duration = Duration::from_secs(1);
 
 impl Watchdog {
+    /// The heartbeat: the thread runs as long as the process does, so a
+    /// heartbeat that stops means the whole worker is not running (stopped,
+    /// frozen, starved); a handler stuck on one connection shows in that
+    /// connection's age instead (see src/master/health.rs).
+    fn beat(&self) {
+        if let Some(b) = &self.board {
+            b.heartbeat(sys::coarse_ms());
+        }
+    }
+
     fn run(self) {
         let mut fds = [nix::poll::PollFd::new(
             sys::shutdown_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
+        let every = nix::poll::PollTimeout::try_from(self.beat.as_millis() as i32)
+            .unwrap_or(nix::poll::PollTimeout::MAX);
         while !sys::shutdown_requested() {
-            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+            self.beat();
+            let _ = nix::poll::poll(&mut fds, every);
+        }
+        if let Some(b) = &self.board {
+            b.set_state(State::Stopping);
         }
         let asked = Instant::now();
+        let mut beaten = Instant::now();
         loop {
+            if beaten.elapsed() >= self.beat {
+                self.beat();
+                beaten = Instant::now();
+            }
             let orphan = nix::unistd::getppid() != self.master;
             let limit = if orphan {
                 ORPHAN_GRACE
@@ -266,6 +312,16 @@ struct Worker<'a> {
     budget: u64,
     /// An accept loop failed (epoll): the worker stops, and not cleanly.
     failed: AtomicBool,
+    /// The service's `allow` and `deny`.
+    acl: &'a Acl,
+    /// `max_connections_per_ip` (0: no limit).
+    per_ip: u32,
+    /// `idle_timeout` (zero: none).
+    idle_timeout: Duration,
+    /// When a refusal was last logged (coarse clock, ms), and how many
+    /// have not been since: at most one line a second per worker.
+    refused_logged_ms: AtomicU64,
+    refused_unlogged: AtomicU64,
 }
 
 /// Epoll token of the shutdown pipe.
@@ -281,7 +337,7 @@ impl Worker<'_> {
             for n in 1..threads {
                 let spawned = std::thread::Builder::new()
                     .name(format!("accept-{n}"))
-                    .spawn_scoped(scope, || self.accept_loop());
+                    .spawn_scoped(scope, move || self.accept_loop(n as usize));
                 if let Err(e) = spawned {
                     // Serving with fewer threads beats not serving; the
                     // log says so, and the next worker may do better.
@@ -292,7 +348,7 @@ impl Worker<'_> {
                     break;
                 }
             }
-            self.accept_loop();
+            self.accept_loop(0);
             // The scope joins the other accept threads; the watchdog bounds
             // how long that may take.
         });
@@ -302,15 +358,17 @@ impl Worker<'_> {
     /// serve it, repeat. The listeners are in this thread's epoll set only
     /// while it is idle, with EPOLLEXCLUSIVE: a new connection wakes one idle
     /// thread, never a busy one, and never every idle one.
-    fn accept_loop(&self) {
-        if let Err(e) = self.try_accept_loop() {
+    /// `thread` numbers the loop (0..threads): its connection entry in
+    /// the scoreboard.
+    fn accept_loop(&self, thread: usize) {
+        if let Err(e) = self.try_accept_loop(thread) {
             log::error!("worker {}: accept loop failed: {e}; stopping", self.name);
             self.failed.store(true, Ordering::SeqCst);
             sys::request_shutdown();
         }
     }
 
-    fn try_accept_loop(&self) -> io::Result<()> {
+    fn try_accept_loop(&self, thread: usize) -> io::Result<()> {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         ep.add(
             sys::shutdown_fd(),
@@ -358,7 +416,7 @@ impl Worker<'_> {
                             }
                         }
                         registered = false;
-                        self.serve_stream(stream, peer, local.clone());
+                        self.serve_stream(stream, peer, local.clone(), thread);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if is_listener_gone(&e) => {
@@ -376,12 +434,12 @@ impl Worker<'_> {
                     }
                 },
                 WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => {
-                    self.serve_datagram(socket, &mut buf, &mut reply);
+                    self.serve_datagram(socket, &mut buf, &mut reply, thread);
                 }
             }
         }
         if registered {
-            self.take_signalled(&ep, &open, &mut buf, &mut reply)?;
+            self.take_signalled(&ep, &open, &mut buf, &mut reply, thread)?;
         }
         Ok(())
     }
@@ -399,6 +457,7 @@ impl Worker<'_> {
         open: &[bool],
         buf: &mut [u8],
         reply: &mut Vec<u8>,
+        thread: usize,
     ) -> io::Result<()> {
         for (i, (s, _)) in self.sockets.iter().enumerate() {
             if open[i] {
@@ -412,11 +471,13 @@ impl Worker<'_> {
                 }
                 match socket {
                     WorkerSocket::Tcp(_) | WorkerSocket::Unix(_) => match accept(socket) {
-                        Ok((stream, peer)) => self.serve_stream(stream, peer, local.clone()),
+                        Ok((stream, peer)) => {
+                            self.serve_stream(stream, peer, local.clone(), thread)
+                        }
                         Err(_) => break, // taken by another worker, or gone
                     },
                     WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => {
-                        self.serve_datagram(socket, buf, reply);
+                        self.serve_datagram(socket, buf, reply, thread);
                     }
                 }
             }
@@ -439,15 +500,114 @@ impl Worker<'_> {
         }
     }
 
-    fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr) {
+    /// Who a stream peer is, for the rules and for the scoreboard. A Unix
+    /// peer's credentials cost a getsockopt: read only when a rule needs
+    /// them.
+    fn identify(&self, stream: &Stream, peer: &Addr) -> (acl::Peer, Peer) {
+        match peer {
+            Addr::Inet(a) => (acl::Peer::Ip(a.ip().to_canonical()), Peer::inet(*a)),
+            Addr::Unix(_) => {
+                let cred = if self.acl.needs_credentials() {
+                    match nix::sys::socket::getsockopt(
+                        stream,
+                        nix::sys::socket::sockopt::PeerCredentials,
+                    ) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            log::warn!("worker {}: getsockopt(SO_PEERCRED) failed: {e}", self.name);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                match cred {
+                    Some(c) => (
+                        acl::Peer::Unix(Some((c.uid(), c.gid()))),
+                        Peer::UnixCred {
+                            pid: c.pid() as u32,
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        },
+                    ),
+                    None => (acl::Peer::Unix(None), Peer::Unix),
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a refused connection or datagram: at most one line
+    /// a second per worker, with the number left unlogged since.
+    fn refuse(&self, peer: &dyn std::fmt::Display, why: &dyn std::fmt::Display) {
+        if let Some(b) = &self.board {
+            b.refused();
+        }
+        let now = sys::coarse_ms();
+        let last = self.refused_logged_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= 1000;
+        if !due
+            || self
+                .refused_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.refused_unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let more = self.refused_unlogged.swap(0, Ordering::Relaxed);
+        let more = if more > 0 {
+            format!(" ({more} more refused since the last such line)")
+        } else {
+            String::new()
+        };
+        log::warn!("worker {}: refused {peer}: {why}{more}", self.name);
+    }
+
+    /// Serves one accepted connection on accept thread `thread`: checks
+    /// `allow`/`deny` and `max_connections_per_ip` (a refused connection is
+    /// closed at once), publishes it in the scoreboard, runs the handler,
+    /// closes.
+    fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr, thread: usize) {
         let Some(handler) = &self.stream else { return };
+        let (who, seen) = self.identify(&stream, &peer);
+        if let Err(why) = self.acl.check(&who) {
+            self.refuse(&peer, &why);
+            return;
+        }
+        let entry = self.board.and_then(|b| b.entry(thread));
+        if let Some(e) = &entry {
+            e.publish(sys::coarse_ms(), &seen);
+        }
+        if self.per_ip > 0
+            && let (acl::Peer::Ip(ip), Some(b), Some(e)) = (who, &self.board, &entry)
+        {
+            // Published first, counted after (both SeqCst): of two
+            // connections from one address at once, each counts the
+            // other, so both never get in over the limit.
+            let n = b.count_ip(ip);
+            if n > self.per_ip as usize {
+                e.clear();
+                self.refuse(
+                    &peer,
+                    &format_args!(
+                        "{n} connections from {ip} (max_connections_per_ip = {})",
+                        self.per_ip
+                    ),
+                );
+                return;
+            }
+        }
         if let Some(b) = &self.board {
             b.begin();
         }
         let peer_text = peer.to_string();
         let mut conn = Connection::new(stream, peer, local, self.service);
+        conn.set_idle_timeout(self.idle_timeout);
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&mut conn))) {
             Ok(Ok(())) => {}
+            Ok(Err(e)) if conn.idle_expired() => {
+                log::debug!("worker {}: {peer_text}: closed: {e}", self.name);
+            }
             Ok(Err(e)) if is_client_gone(&e) => {
                 log::debug!("worker {}: {peer_text}: client went away: {e}", self.name);
             }
@@ -457,11 +617,24 @@ impl Worker<'_> {
                 self.name
             ),
         }
+        let (bytes_in, bytes_out) = conn.bytes();
         conn.close_gracefully(LINGER);
+        if let Some(e) = &entry {
+            e.clear();
+        }
+        if let Some(b) = &self.board {
+            b.add_bytes(bytes_in, bytes_out);
+        }
         self.count();
     }
 
-    fn serve_datagram(&self, socket: &WorkerSocket, buf: &mut [u8], reply: &mut Vec<u8>) {
+    fn serve_datagram(
+        &self,
+        socket: &WorkerSocket,
+        buf: &mut [u8],
+        reply: &mut Vec<u8>,
+        thread: usize,
+    ) {
         let Some(handler) = &self.datagram else {
             return;
         };
@@ -478,10 +651,31 @@ impl Worker<'_> {
                 return;
             }
         };
+        if !self.acl.is_empty() {
+            let who = match &peer {
+                Addr::Inet(a) => acl::Peer::Ip(a.ip().to_canonical()),
+                // A datagram carries no credentials: only "unix" and
+                // "all" can match it.
+                Addr::Unix(_) => acl::Peer::Unix(None),
+            };
+            if let Err(why) = self.acl.check(&who) {
+                self.refuse(&peer, &why);
+                return;
+            }
+        }
+        let entry = self.board.and_then(|b| b.entry(thread));
+        if let Some(e) = &entry {
+            let seen = match &peer {
+                Addr::Inet(a) => Peer::inet(*a),
+                Addr::Unix(_) => Peer::Unix,
+            };
+            e.publish(sys::coarse_ms(), &seen);
+        }
         reply.clear();
         if let Some(b) = &self.board {
             b.begin();
         }
+        let mut bytes_out = 0;
         let datagram = Datagram {
             data: &buf[..n],
             peer: &peer,
@@ -490,22 +684,29 @@ impl Worker<'_> {
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&datagram, reply))) {
             Ok(Ok(true)) => {
                 let sent = match (socket, &peer) {
-                    (WorkerSocket::Udp(s), Addr::Inet(a)) => s.send_to(reply, a).map(drop),
+                    (WorkerSocket::Udp(s), Addr::Inet(a)) => s.send_to(reply, a).map(Some),
                     (WorkerSocket::UnixGram(s), Addr::Unix(Some(p))) => {
-                        s.send_to(reply, p).map(drop)
+                        s.send_to(reply, p).map(Some)
                     }
                     _ => {
                         log::debug!("worker {}: {peer}: unnamed sender, no reply", self.name);
-                        Ok(())
+                        Ok(None)
                     }
                 };
-                if let Err(e) = sent {
-                    log::debug!("worker {}: {peer}: sendto() failed: {e}", self.name);
+                match sent {
+                    Ok(n) => bytes_out = n.unwrap_or(0) as u64,
+                    Err(e) => log::debug!("worker {}: {peer}: sendto() failed: {e}", self.name),
                 }
             }
             Ok(Ok(false)) => {}
             Ok(Err(e)) => log::warn!("worker {}: {peer}: handler error: {e}", self.name),
             Err(_) => log::error!("worker {}: {peer}: handler panicked", self.name),
+        }
+        if let Some(e) = &entry {
+            e.clear();
+        }
+        if let Some(b) = &self.board {
+            b.add_bytes(n as u64, bytes_out);
         }
         self.count();
     }

@@ -475,6 +475,13 @@ pub struct Connection<'a> {
     /// handlers that only use `recv` and `Read`.
     inbuf: Vec<u8>,
     inpos: usize,
+    /// Bytes read from and written to the client, for the scoreboard.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// `idle_timeout` in [`TICK`]s (rounded up); 0: none.
+    idle_ticks: u32,
+    /// The client sent nothing for `idle_timeout` while the handler waited.
+    idle_expired: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -488,6 +495,66 @@ impl<'a> Connection<'a> {
             received: false,
             inbuf: Vec::new(),
             inpos: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            idle_ticks: 0,
+            idle_expired: false,
+        }
+    }
+
+    /// Closes the connection when a read waits `timeout` (rounded up to
+    /// [`TICK`]s) without input; zero: never. The waits are counted in the
+    /// read timeouts the socket already has, so this costs no clock read.
+    pub(crate) fn set_idle_timeout(&mut self, timeout: Duration) {
+        let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos());
+        self.idle_ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
+    }
+
+    /// Bytes read from and written to the client so far.
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (self.bytes_in, self.bytes_out)
+    }
+
+    /// Whether a read gave up after `idle_timeout` without input.
+    pub(crate) fn idle_expired(&self) -> bool {
+        self.idle_expired
+    }
+
+    /// One more [`TICK`] without input; the error that ends the read once
+    /// they add up to `idle_timeout`.
+    fn idle_tick(&mut self, waited: &mut u32) -> Option<io::Error> {
+        *waited += 1;
+        if self.idle_ticks == 0 || *waited < self.idle_ticks {
+            return None;
+        }
+        self.idle_expired = true;
+        Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no input for {} (idle_timeout)",
+                humantime::format_duration(TICK * self.idle_ticks)
+            ),
+        ))
+    }
+
+    /// A blocking read from the socket, bypassing the read-ahead: waits for
+    /// input or EOF whatever the stop, at most `idle_timeout`.
+    fn read_blocking(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut waited = 0;
+        loop {
+            match self.stream.read_some(buf) {
+                Ok(n) => {
+                    self.bytes_in += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_tick(&e) => {
+                    if let Some(e) = self.idle_tick(&mut waited) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -558,6 +625,11 @@ impl<'a> Connection<'a> {
     /// client accepted just before the stop is served once. The worker then
     /// sends FIN and drains whatever the client sends after it: a client
     /// that reconnects lands on a worker that is not stopping.
+    ///
+    /// With the service's `idle_timeout`, this (and every other read of
+    /// the connection) fails with [`io::ErrorKind::TimedOut`] once it has
+    /// waited that long without input; the worker then closes the
+    /// connection at once. Time spent writing or computing does not count.
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
         if buf.is_empty() {
             return Err(io::Error::new(
@@ -618,7 +690,7 @@ impl<'a> Connection<'a> {
             let partial = !pending.is_empty();
             let got = if partial {
                 // Mid-line: the rest is owed, whatever the stop.
-                match Read::read(&mut self.stream_reader(), &mut chunk)? {
+                match self.read_blocking(&mut chunk)? {
                     0 => Recv::Eof,
                     n => Recv::Data(n),
                 }
@@ -637,13 +709,9 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Blocking reads straight from the socket, bypassing the read-ahead.
-    fn stream_reader(&mut self) -> SocketReader<'_> {
-        SocketReader(&self.stream)
-    }
-
     /// [`Connection::recv`] on the socket itself.
     fn recv_socket(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
+        let mut waited = 0;
         loop {
             let stopping = sys::shutdown_requested();
             if stopping && self.received && !self.readable_now() {
@@ -656,6 +724,7 @@ impl<'a> Connection<'a> {
                 }
                 Ok(n) => {
                     self.received = true;
+                    self.bytes_in += n as u64;
                     return Ok(Recv::Data(n));
                 }
                 // A whole tick without input while stopping: what the client
@@ -666,7 +735,12 @@ impl<'a> Connection<'a> {
                 Err(e) if stopping && e.kind() != io::ErrorKind::Interrupted && is_tick(&e) => {
                     return Ok(Recv::Shutdown);
                 }
-                Err(e) if is_tick(&e) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_tick(&e) => {
+                    if let Some(e) = self.idle_tick(&mut waited) {
+                        return Err(e);
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -680,7 +754,10 @@ impl<'a> Connection<'a> {
                 return Ok(Sent::Shutdown);
             }
             match self.stream.write_some(buf) {
-                Ok(n) => return Ok(Sent::Bytes(n)),
+                Ok(n) => {
+                    self.bytes_out += n as u64;
+                    return Ok(Sent::Bytes(n));
+                }
                 Err(e) if is_tick(&e) => {}
                 Err(e) => return Err(e),
             }
@@ -695,7 +772,7 @@ impl<'a> Connection<'a> {
         loop {
             match self.stream.read_pending(&mut buf) {
                 Ok(0) => return Ok(()),
-                Ok(_) => {}
+                Ok(n) => self.bytes_in += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -707,9 +784,10 @@ impl<'a> Connection<'a> {
     /// the client still sends until it closes or `linger` passes, so that
     /// unread input never turns the close into a reset.
     pub(crate) fn close_gracefully(self, linger: Duration) {
-        if self.eof {
+        if self.eof || self.idle_expired {
             // The client closed first and nothing of its input is unread:
-            // close(2) sends our FIN, with nothing to drain.
+            // close(2) sends our FIN, with nothing to drain. Or it has
+            // sent nothing for idle_timeout: it gets no more time.
             return;
         }
         if self.stream.shutdown_write().is_err() {
@@ -731,20 +809,6 @@ impl<'a> Connection<'a> {
     }
 }
 
-/// Blocking reads from a connection's socket, waking every [`TICK`].
-struct SocketReader<'s>(&'s Stream);
-
-impl Read for SocketReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.0.read_some(buf) {
-                Err(e) if is_tick(&e) => {}
-                other => return other,
-            }
-        }
-    }
-}
-
 /// Blocking reads: wait for input or end of stream, ignoring the shutdown
 /// signal (use [`Connection::recv`] to stop at request boundaries).
 impl Read for Connection<'_> {
@@ -752,7 +816,7 @@ impl Read for Connection<'_> {
         if !self.buffered().is_empty() {
             return Ok(self.take_buffered(buf));
         }
-        let n = self.stream_reader().read(buf)?;
+        let n = self.read_blocking(buf)?;
         if n == 0 && !buf.is_empty() {
             self.eof = true;
         }
@@ -768,7 +832,7 @@ impl io::BufRead for Connection<'_> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.buffered().is_empty() {
             let mut chunk = [0u8; 4096];
-            let n = self.stream_reader().read(&mut chunk)?;
+            let n = self.read_blocking(&mut chunk)?;
             if n == 0 {
                 self.eof = true;
             }
@@ -788,8 +852,12 @@ impl Write for Connection<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
             match self.stream.write_some(buf) {
+                Ok(n) => {
+                    self.bytes_out += n as u64;
+                    return Ok(n);
+                }
                 Err(e) if is_tick(&e) => {}
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
