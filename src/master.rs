@@ -968,7 +968,11 @@ impl Master {
         if child.ready_pipe.is_some() {
             read_message(&mut child);
         }
-        let cause = policy::exit_cause(&child, exit);
+        let cause = if self.health.is_stuck(pid) {
+            crate::stats::ExitCause::Stuck
+        } else {
+            policy::exit_cause(&child, exit)
+        };
         self.stats
             .exited(child.svc, cause, child.board, &self.board);
         if let Some(b) = child.board {

@@ -262,6 +262,9 @@ pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u6
         stopping: u64,
         active: u64,
         accepted: u64,
+        refused: u64,
+        bytes_in: u64,
+        bytes_out: u64,
     }
     let live: Vec<Live> = snap
         .services
@@ -274,11 +277,17 @@ pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u6
                 stopping: 0,
                 active: 0,
                 accepted: s.folded,
+                refused: s.folded_refused,
+                bytes_in: s.folded_bytes_in,
+                bytes_out: s.folded_bytes_out,
             };
             for (state, slot) in &s.workers {
                 let c = board.read(*slot);
                 l.accepted += c.served + c.active;
                 l.active += c.active;
+                l.refused += c.refused;
+                l.bytes_in += c.bytes_in;
+                l.bytes_out += c.bytes_out;
                 match state {
                     WorkerState::Starting => l.starting += 1,
                     WorkerState::Stopping => l.stopping += 1,
@@ -327,6 +336,28 @@ pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u6
             svc(&s.name),
             l.accepted
         );
+    }
+    for (name, help, value) in [
+        (
+            "preforkd_connections_refused_total",
+            "Connections (and datagrams) refused by allow/deny or max_connections_per_ip.",
+            (|l: &Live| l.refused) as fn(&Live) -> u64,
+        ),
+        (
+            "preforkd_bytes_received_total",
+            "Bytes read from clients (counted when each connection ends).",
+            |l: &Live| l.bytes_in,
+        ),
+        (
+            "preforkd_bytes_sent_total",
+            "Bytes written to clients (counted when each connection ends).",
+            |l: &Live| l.bytes_out,
+        ),
+    ] {
+        header(&mut out, name, "counter", help);
+        for (s, l) in snap.services.iter().zip(&live) {
+            let _ = writeln!(out, "{name}{{{}}} {}", svc(&s.name), value(l));
+        }
     }
     header(
         &mut out,

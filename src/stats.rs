@@ -83,11 +83,13 @@ pub enum ExitCause {
     Signal,
     /// Killed by the master (SIGKILL at a stop or ready deadline).
     Killed,
+    /// Found stuck past its service's `timeout` (SIGABRT, then SIGKILL).
+    Stuck,
 }
 
 impl ExitCause {
     /// Every cause, in label order.
-    pub const ALL: [ExitCause; 9] = [
+    pub const ALL: [ExitCause; 10] = [
         ExitCause::Stopped,
         ExitCause::MaxRequests,
         ExitCause::MaxMemory,
@@ -97,6 +99,7 @@ impl ExitCause {
         ExitCause::Error,
         ExitCause::Signal,
         ExitCause::Killed,
+        ExitCause::Stuck,
     ];
 
     /// The `cause` label.
@@ -111,6 +114,7 @@ impl ExitCause {
             ExitCause::Error => "error",
             ExitCause::Signal => "signal",
             ExitCause::Killed => "killed",
+            ExitCause::Stuck => "stuck",
         }
     }
 }
@@ -147,8 +151,11 @@ const S_QUEUE: usize = S_AT_MAX + 1;
 const S_BACKLOG: usize = S_QUEUE + 1;
 const S_QUEUE_KNOWN: usize = S_BACKLOG + 1;
 const S_MAX_WORKERS: usize = S_QUEUE_KNOWN + 1;
+const S_REFUSED: usize = S_MAX_WORKERS + 1;
+const S_BYTES_IN: usize = S_REFUSED + 1;
+const S_BYTES_OUT: usize = S_BYTES_IN + 1;
 const SERVICE_WORDS: usize = 40;
-const _: () = assert!(S_MAX_WORKERS < SERVICE_WORDS);
+const _: () = assert!(S_BYTES_OUT < SERVICE_WORDS);
 
 const SERVICES_AT: usize = HEADER;
 const SLOTS_AT: usize = SERVICES_AT + MAX_SERVICES * SERVICE_WORDS;
@@ -174,6 +181,12 @@ pub struct ServiceStats {
     pub exits: Vec<u64>,
     /// Connections served by workers that have exited.
     pub folded: u64,
+    /// Connections refused by exited workers (allow/deny, per-address limit).
+    pub folded_refused: u64,
+    /// Bytes read from clients by exited workers.
+    pub folded_bytes_in: u64,
+    /// Bytes written to clients by exited workers.
+    pub folded_bytes_out: u64,
     /// Times the pool hit `max_workers` with no idle worker.
     pub at_max: u64,
     /// The listen queue length last sampled, if the OS tells it.
@@ -295,9 +308,9 @@ impl Stats {
         board: Option<usize>,
         scoreboard: &Scoreboard,
     ) {
-        let served = board.map_or(0, |b| {
+        let (served, refused, bytes_in, bytes_out) = board.map_or((0, 0, 0, 0), |b| {
             let c = scoreboard.read(b);
-            c.served + c.active
+            (c.served + c.active, c.refused, c.bytes_in, c.bytes_out)
         });
         let c = ExitCause::ALL.iter().position(|x| *x == cause).unwrap_or(0);
         self.write(|w| {
@@ -305,6 +318,9 @@ impl Stats {
                 let base = Stats::service_base(i);
                 w[base + S_EXITS + c].fetch_add(1, Ordering::Relaxed);
                 w[base + S_FOLDED].fetch_add(served, Ordering::Relaxed);
+                w[base + S_REFUSED].fetch_add(refused, Ordering::Relaxed);
+                w[base + S_BYTES_IN].fetch_add(bytes_in, Ordering::Relaxed);
+                w[base + S_BYTES_OUT].fetch_add(bytes_out, Ordering::Relaxed);
             }
             if let Some(b) = board {
                 w[SLOTS_AT + b].store(0, Ordering::Relaxed);
@@ -396,6 +412,9 @@ impl Stats {
                         .map(|c| get(base + S_EXITS + c))
                         .collect(),
                     folded: get(base + S_FOLDED),
+                    folded_refused: get(base + S_REFUSED),
+                    folded_bytes_in: get(base + S_BYTES_IN),
+                    folded_bytes_out: get(base + S_BYTES_OUT),
                     at_max: get(base + S_AT_MAX),
                     queue: (get(base + S_QUEUE_KNOWN) == 1).then(|| get(base + S_QUEUE)),
                     backlog: get(base + S_BACKLOG),

@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -413,4 +414,57 @@ fn the_metrics_process_runs_as_the_workers_user() {
     let (m, w) = (ids(pid), ids(worker));
     assert_eq!(m, w, "the metrics process and a worker differ");
     assert!(!m[0].split_whitespace().skip(1).any(|u| u == "0"), "{m:?}");
+}
+
+#[test]
+fn refused_connections_bytes_and_stuck_workers_are_counted() {
+    // "guarded" refuses 127.0.0.1; "echo" counts bytes; "slow" runs a
+    // program that hangs past `timeout`, so its worker is killed as stuck.
+    let guarded = service(
+        "guarded",
+        &["tcp://127.0.0.1:0"],
+        "echo",
+        "deny = [\"127.0.0.1\"]",
+    );
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "");
+    let slow = format!(
+        "{}\n[service.handler.options]\ncommand = [\"/bin/sleep\", \"30\"]\n",
+        service("slow", &["tcp://127.0.0.1:0"], "exec", "timeout = \"1s\"")
+    );
+    let config =
+        format!("{CONTROL}[metrics]\nlisten = \"127.0.0.1:0\"\n\n{guarded}\n{echo}\n{slow}");
+    let d = Daemon::start(&config);
+    d.wait_ready();
+    let url = metrics_url(&d);
+
+    const REFUSED: usize = 3;
+    for _ in 0..REFUSED {
+        let mut s = connect(d.addr("tcp", "guarded")).unwrap();
+        let _ = s.write_all(b"x");
+        let mut buf = [0u8; 8];
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "refused");
+    }
+    echo_once(d.addr("tcp", "echo"), &[b'b'; 1000]).unwrap();
+    let _held = connect(d.addr("tcp", "slow")).unwrap();
+
+    let s = wait_scrape(&d, &url, "the refusals, bytes and the stuck exit", |s| {
+        s.get(&(
+            "preforkd_worker_exits_total".into(),
+            "cause=stuck,service=slow".into(),
+        )) == Some(&1.0)
+            && s.get(&(
+                "preforkd_connections_refused_total".into(),
+                "service=guarded".into(),
+            )) == Some(&(REFUSED as f64))
+            && s.get(&(
+                "preforkd_bytes_received_total".into(),
+                "service=echo".into(),
+            )) == Some(&1000.0)
+    });
+    assert_eq!(get(&s, "preforkd_bytes_sent_total", "service=echo"), 1000.0);
+    assert_eq!(
+        get(&s, "preforkd_connections_refused_total", "service=echo"),
+        0.0
+    );
+    assert!(d.log_text().contains("stuck"), "{}", d.log_text());
 }

@@ -132,7 +132,11 @@ impl Master {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in due {
-            self.health.aborted.remove(&pid);
+            // Kept (with no further deadline) until it is reaped, so that its
+            // exit is counted as `stuck`.
+            self.health
+                .aborted
+                .insert(pid, now + Duration::from_secs(365 * 24 * 3600));
             if let Some(child) = self.children.get(&pid) {
                 log::warn!(
                     "worker {} (pid {pid}) still running {} after SIGABRT; sending SIGKILL",
