@@ -10,7 +10,6 @@
 mod common;
 
 use std::io::{self, Write};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -261,38 +260,5 @@ fn main() {
             max_age_recycles_one_at_a_time,
         ),
     ];
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    println!("\nrunning {} tests", tests.len());
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests
-        .iter()
-        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
-    {
-        match catch_unwind(AssertUnwindSafe(test)) {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok");
-            }
-            Err(payload) => {
-                failed += 1;
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".into());
-                println!(
-                    "test {name} ... FAILED: {}",
-                    msg.lines().next().unwrap_or_default()
-                );
-            }
-        }
-    }
-    println!("\n{passed} passed, {failed} failed");
-    let _ = std::io::stdout().flush();
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    run_tests(&tests);
 }

@@ -520,3 +520,47 @@ pub fn menu_dialogue<S: Read + Write>(mut s: S) {
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "more after Goodbye: {rest:?}");
 }
+
+// ---------------------------------------------------------------------------
+// The runner of the `harness = false` test binaries (the ones that embed
+// preforkd with test plugins, and so need their own `main`).
+
+/// Runs `tests` like libtest: arguments that are not options filter them by
+/// name; a panic fails the test (its whole message, with the daemon's log,
+/// went to stderr through the panic hook; one line is printed here). Exits 1
+/// if any failed.
+pub fn run_tests(tests: &[(&str, fn())]) {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in selected {
+        match catch_unwind(AssertUnwindSafe(test)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(payload) => {
+                failed += 1;
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                let first = msg.lines().next().unwrap_or_default();
+                println!("test {name} ... FAILED: {first}");
+            }
+        }
+    }
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
