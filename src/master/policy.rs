@@ -169,6 +169,16 @@ pub fn dynamic_growth(
     (rate as usize).min(top - total)
 }
 
+/// A ready worker of pool `p` in generation `generation`, in its slot and
+/// not being stopped: one the pool policy may count, retire or recycle.
+fn serving(ch: &Child, generation: u64, p: usize) -> bool {
+    ch.generation == generation
+        && ch.pool == p
+        && ch.slot.is_some()
+        && ch.ready
+        && ch.kill_at.is_none()
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
@@ -381,14 +391,7 @@ impl Master {
             let victim = self
                 .children
                 .iter()
-                .filter(|(_, ch)| {
-                    ch.generation == self.generation
-                        && ch.pool == p
-                        && ch.slot.is_some()
-                        && ch.ready
-                        && ch.kill_at.is_none()
-                        && ch.idle_since.is_some()
-                })
+                .filter(|(_, ch)| serving(ch, self.generation, p) && ch.idle_since.is_some())
                 .min_by_key(|(_, ch)| (ch.idle_since, std::cmp::Reverse(ch.slot)))
                 .map(|(pid, _)| *pid);
             if let Some(pid) = victim {
@@ -409,11 +412,7 @@ impl Master {
             .children
             .iter()
             .filter(|(_, ch)| {
-                ch.generation == self.generation
-                    && ch.pool == p
-                    && ch.slot.is_some()
-                    && ch.ready
-                    && ch.kill_at.is_none()
+                serving(ch, self.generation, p)
                     && ch
                         .idle_since
                         .is_some_and(|t| now.duration_since(t) >= timeout)
@@ -475,13 +474,7 @@ impl Master {
         let mut candidates: Vec<(&Pid, &Child)> = self
             .children
             .iter()
-            .filter(|(_, ch)| {
-                ch.generation == self.generation
-                    && ch.pool == p
-                    && ch.slot.is_some()
-                    && ch.ready
-                    && ch.kill_at.is_none()
-            })
+            .filter(|(_, ch)| serving(ch, self.generation, p))
             .collect();
         candidates.sort_by_key(|(_, ch)| ch.started);
         for (pid, ch) in candidates {
