@@ -8,10 +8,8 @@ mod common;
 use std::io::Write;
 use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
@@ -84,10 +82,7 @@ fn c_menu_plugin_dialogue_over_tcp_and_unix() {
     let d = Daemon::start(&menu_config(&lib));
     d.wait_ready();
     menu_dialogue(connect(d.addr("tcp", "menu")).unwrap());
-    let unix = UnixStream::connect(d.path("menu.sock")).unwrap();
-    unix.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    menu_dialogue(unix);
+    menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
 }
 
 #[test]
@@ -317,10 +312,7 @@ fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
     d.wait_log("dylib plugin: menu (Rust) ready");
     let addr = d.addr("tcp", "t");
     menu_dialogue(connect(addr).unwrap());
-    let unix = UnixStream::connect(d.path("menu.sock")).unwrap();
-    unix.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    menu_dialogue(unix);
+    menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
     let worker = d.wait_workers(1)[0];
     // A panic: that connection is closed, the worker goes on.
     let mut s = connect(addr).unwrap();

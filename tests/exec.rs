@@ -418,9 +418,7 @@ fn menu_dialogue_over_tcp_and_unix() {
     let d = Daemon::start(&menu_config());
     d.wait_ready();
     menu_dialogue(connect(d.addr("tcp", "menu")).unwrap());
-    let unix = UnixStream::connect(d.path("menu.sock")).unwrap();
-    unix.set_read_timeout(Some(DEADLINE)).unwrap();
-    menu_dialogue(unix);
+    menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
     // The client closing first: the program ends without another word.
     let mut s = connect(d.addr("tcp", "menu")).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), MENU_BANNER);

@@ -5,9 +5,7 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::*;
 
@@ -46,10 +44,7 @@ fn the_dialogue_over_tcp_and_unix() {
     let d = Daemon::start_bin(&menu_bin(), &config(), &[]);
     d.wait_ready();
     menu_dialogue(connect(d.addr("tcp", "menu")).unwrap());
-    let unix = UnixStream::connect(d.path("menu.sock")).unwrap();
-    unix.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    menu_dialogue(unix);
+    menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
 }
 
 #[test]

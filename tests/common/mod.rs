@@ -223,6 +223,15 @@ pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// [`connect`] for a Unix stream socket: the same timeouts on every read
+/// and write.
+pub fn connect_unix(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
 /// One echo exchange on a new connection; Err describes what went wrong.
 pub fn echo_once(addr: SocketAddr, payload: &[u8]) -> Result<(), String> {
     let mut s = connect(addr).map_err(|e| format!("connect: {e}"))?;
