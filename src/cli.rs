@@ -3,7 +3,8 @@
 //!
 //! [`main`] is the whole binary; [`main_with`] is the same CLI with a
 //! registry of your own plugins, for binaries that embed preforkd.
-//! Errors are mapped to exit codes here and nowhere else.
+//! Errors are mapped to exit codes here and nowhere else: [`exit_status`]
+//! (ripgrep's `main`; the contract is in the README's "Exit codes").
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,13 +12,62 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
 use crate::control::{self, Request};
 use crate::exit::code;
 use crate::handler::Registry;
-use crate::master::{Master, Startup};
+use crate::listener::ListenError;
+use crate::log::LogError;
+use crate::master::{Master, MasterError, Startup};
+use crate::resolve::{self, Resolved};
 use crate::sys;
 use crate::upgrade::{Exec, Inherited};
+
+/// Why a command failed. Each becomes an exit status in [`exit_status`];
+/// the message is what the user reads (one line).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid (or cannot be read).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The master could not start, or its first generation failed.
+    #[error(transparent)]
+    Master(#[from] MasterError),
+    /// The log target could not be set up.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// `--daemon` without a pid file to lock.
+    #[error("--daemon needs [daemon] pid_file (to lock it, and to find the daemon)")]
+    DaemonNeedsPidFile,
+    /// Taking over the process's environment failed before the master
+    /// could start (binary upgrade, socket activation, paths).
+    #[error("{context}: {reason}")]
+    Setup {
+        /// What was being set up.
+        context: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// The exit status of each error: every mapping from an error to a status
+/// is here.
+pub fn exit_status(e: &Error) -> i32 {
+    match e {
+        Error::Config(_) | Error::DaemonNeedsPidFile => code::CONFIG,
+        Error::Master(MasterError::Listen(
+            ListenError::NotPassed { .. } | ListenError::WrongKind { .. },
+        )) => code::CONFIG,
+        Error::Master(MasterError::Listen(_)) => code::UNAVAILABLE,
+        Error::Master(MasterError::Boot { .. }) => code::CONFIG,
+        Error::Master(MasterError::PidFile { .. }) | Error::Log(_) => code::CANTCREAT,
+        Error::Master(MasterError::Sys { .. }) | Error::Setup { .. } => code::SOFTWARE,
+    }
+}
+
+fn setup_err(context: &'static str) -> impl FnOnce(String) -> Error {
+    move |reason| Error::Setup { context, reason }
+}
 
 /// preforkd: a pre-fork daemon for any socket service.
 #[derive(Debug, Parser)]
@@ -68,7 +118,7 @@ pub enum Command {
         /// The service.
         service: String,
         /// Its number of workers (1 to 4096).
-        #[arg(value_parser = clap::value_parser!(u32).range(1..=4096))]
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::config::MAX_WORKERS)))]
         workers: u32,
     },
 }
@@ -102,11 +152,8 @@ pub fn main_with(registry: Registry) -> ! {
     std::process::exit(run(cli, &registry))
 }
 
-fn load(cli: &Cli, registry: &Registry) -> Result<Config, ConfigError> {
-    match &cli.config {
-        Some(path) => Config::load(path, registry),
-        None => Config::embedded(registry),
-    }
+fn load(cli: &Cli, registry: &Registry) -> Result<Resolved, ConfigError> {
+    resolve::load(cli.config.as_deref(), registry)
 }
 
 /// Executes a parsed command line; returns the exit code.
@@ -118,7 +165,7 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
     }
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => {
-            match load(&cli, registry).and_then(|c| c.check_plugins(registry).map(|()| c)) {
+            match load(&cli, registry).and_then(|r| resolve::check_plugins(&r).map(|()| r.config)) {
                 Ok(config) => {
                     println!("{}: configuration is valid", config.source);
                     for s in &config.services {
@@ -146,7 +193,7 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
                     }
                     code::OK
                 }
-                Err(e) => config_error(&e),
+                Err(e) => config_error(e),
             }
         }
         Command::Plugins => {
@@ -154,18 +201,26 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
             code::OK
         }
         Command::PrintConfig => match load(&cli, registry) {
-            Ok(config) => {
-                print!("{}", config.to_toml());
+            Ok(resolved) => {
+                print!("{}", resolved.config.to_toml());
                 code::OK
             }
-            Err(e) => config_error(&e),
+            Err(e) => config_error(e),
         },
         Command::Run => {
-            let status = serve(&cli, registry);
+            let (status, reason) = match serve(&cli, registry) {
+                Ok(status) => (status, format!("the master exited with code {status}")),
+                Err(e) => {
+                    match &e {
+                        // Before anything is set up: for the terminal.
+                        Error::Config(_) => eprintln!("preforkd: {e}"),
+                        _ => log::error!("{e}"),
+                    }
+                    (exit_status(&e), e.to_string())
+                }
+            };
             if crate::daemon::is_daemon() {
                 // Before it was ready: the launcher is still waiting.
-                let reason = crate::log::last_error()
-                    .unwrap_or_else(|| format!("the master exited with code {status}"));
                 crate::daemon::failed(status, &reason);
             }
             status
@@ -207,78 +262,52 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
     }
 }
 
-/// `run`: the master, in the foreground.
-fn serve(cli: &Cli, registry: &Registry) -> i32 {
+/// `run`: the master, in the foreground; its exit code after a stop.
+fn serve(cli: &Cli, registry: &Registry) -> Result<i32, Error> {
     // A binary upgrade's new master: take what the old one handed over
     // before anything else can see it.
-    let mut inherited = match Inherited::from_env() {
-        Ok(i) => i,
-        Err(e) => {
-            log::error!("binary upgrade: {e}");
-            return code::SOFTWARE;
-        }
-    };
+    let mut inherited = Inherited::from_env().map_err(setup_err("binary upgrade"))?;
     // Socket activation: the sockets systemd passed (not in a new master
     // of an upgrade, whose sockets come from the old master); the
     // variables are removed in any case, before anything forks.
-    let activated = match crate::systemd::take_listen_fds(inherited.is_none()) {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("socket activation: {e}");
-            return code::SOFTWARE;
-        }
-    };
+    let activated = crate::systemd::take_listen_fds(inherited.is_none())
+        .map_err(setup_err("socket activation"))?;
     // Read and removed before anything forks, so that no worker inherits
     // it; the master keeps the value.
-    let notifier = match crate::systemd::Notifier::from_env() {
-        Ok(n) => n,
-        Err(e) => {
-            log::error!("cannot clear the systemd environment: {e}");
-            return code::SOFTWARE;
-        }
-    };
-    let config = match load(cli, registry) {
-        Ok(c) => c,
-        Err(e) => {
-            if let Some(i) = &mut inherited {
-                i.report_error(&e.to_string());
-            }
-            return config_error(&e);
-        }
-    };
-    // What the next master runs: this binary, by the path it was started
-    // from, with the config made absolute (before --daemon changes to /).
-    let config_path = match cli.config.as_deref().map(std::path::absolute).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("cannot resolve the config path: {e}");
-            return code::SOFTWARE;
-        }
-    };
-    if cli.daemon {
-        let Some(pid_file) = config.daemon.pid_file.as_deref() else {
-            log::error!("--daemon needs [daemon] pid_file (to lock it, and to find the daemon)");
-            return code::CONFIG;
-        };
-        let pid_file = match std::path::absolute(pid_file) {
-            Ok(p) => p,
-            Err(e) => {
-                log::error!("cannot resolve the pid file's path: {e}");
-                return code::SOFTWARE;
-            }
-        };
-        match crate::daemon::daemonize(&pid_file) {
-            crate::daemon::Side::Launcher(status) => return status,
-            crate::daemon::Side::Daemon => {}
-        }
-    }
-    if let Err(e) = crate::log::configure(&config.log) {
+    let notifier = crate::systemd::Notifier::from_env()
+        .map_err(|e| setup_err("cannot clear the systemd environment")(e.to_string()))?;
+    let resolved = load(cli, registry).inspect_err(|e| {
         if let Some(i) = &mut inherited {
             i.report_error(&e.to_string());
         }
-        log::error!("{e}");
-        return code::CANTCREAT;
+    })?;
+    let config = &resolved.config;
+    // What the next master runs: this binary, by the path it was started
+    // from, with the config made absolute (before --daemon changes to /).
+    let config_path = cli
+        .config
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| setup_err("cannot resolve the config path")(e.to_string()))?;
+    if cli.daemon {
+        let pid_file = config
+            .daemon
+            .pid_file
+            .as_deref()
+            .ok_or(Error::DaemonNeedsPidFile)?;
+        let pid_file = std::path::absolute(pid_file)
+            .map_err(|e| setup_err("cannot resolve the pid file's path")(e.to_string()))?;
+        match crate::daemon::daemonize(&pid_file) {
+            crate::daemon::Side::Launcher(status) => return Ok(status),
+            crate::daemon::Side::Daemon => {}
+        }
     }
+    crate::log::configure(&config.log).inspect_err(|e| {
+        if let Some(i) = &mut inherited {
+            i.report_error(&e.to_string());
+        }
+    })?;
     if cli.config.is_none() {
         log::info!(
             "no --config given: serving the embedded default (echo on tcp://127.0.0.1:8009, 2 workers)"
@@ -309,14 +338,8 @@ fn serve(cli: &Cli, registry: &Registry) -> i32 {
         notifier,
         activated,
     };
-    let result = Master::new(config, registry.clone(), startup).and_then(Master::run);
-    match result {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("{e}");
-            e.exit_code()
-        }
-    }
+    let status = Master::new(resolved, registry.clone(), startup).and_then(Master::run)?;
+    Ok(status)
 }
 
 /// Sends `request` over the control socket and hands the successful
@@ -439,7 +462,7 @@ struct Endpoints {
 /// from `key = "value"` lines under `[control]` and `[daemon]`.
 fn endpoints(cli: &Cli, registry: &Registry) -> Result<Endpoints, i32> {
     match load(cli, registry) {
-        Ok(c) => Ok(Endpoints {
+        Ok(Resolved { config: c, .. }) => Ok(Endpoints {
             source: c.source.to_string(),
             control: c.control.path().map(Path::to_owned),
             pid_file: c.daemon.pid_file.clone(),
@@ -447,12 +470,12 @@ fn endpoints(cli: &Cli, registry: &Registry) -> Result<Endpoints, i32> {
         Err(e) => {
             let path = match (&e, &cli.config) {
                 (ConfigError::Invalid { .. }, Some(p)) => p,
-                _ => return Err(config_error(&e)),
+                _ => return Err(config_error(e)),
             };
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let (control, pid_file) = lenient_endpoints(&text);
             if control.is_none() && pid_file.is_none() {
-                return Err(config_error(&e));
+                return Err(config_error(e));
             }
             Ok(Endpoints {
                 source: path.display().to_string(),
@@ -628,9 +651,12 @@ fn plugin_table(registry: &Registry) -> String {
         .collect()
 }
 
-fn config_error(e: &ConfigError) -> i32 {
+/// Prints a config error for `check`, `print-config` and the control
+/// commands; its exit status.
+fn config_error(e: ConfigError) -> i32 {
+    let e = Error::Config(e);
     eprintln!("preforkd: {e}");
-    code::CONFIG
+    exit_status(&e)
 }
 
 #[cfg(test)]

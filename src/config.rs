@@ -1,9 +1,15 @@
 //! The TOML configuration: schema, defaults, and validation.
 //!
-//! Parsing has no side effects: nothing is bound, created or forked here. Every
-//! error, whether the TOML parser found it or a semantic check did (duplicate
-//! names, an unknown plugin), is one [`ConfigError`] that names the file, line
-//! and column and says what was expected.
+//! Pure data: parsing has no side effects (nothing is bound, created or
+//! forked here), and this module knows nothing of plugins, the master or
+//! the workers. Which plugin a service runs, and whether it serves the
+//! service's sockets, is decided after parsing by src/resolve.rs. Every
+//! error, whether the TOML parser found it or a semantic check did
+//! (duplicate names, an address in use twice), is one [`ConfigError`] that
+//! names the file, line and column and says what was expected.
+//!
+//! Owns: the text a [`Config`] was parsed from (so that later steps can
+//! locate a span in it without reading the file again).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,17 +19,23 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::de::{self, Deserializer, Visitor};
 use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::acl::Acl;
-use crate::handler::Registry;
 
 /// The embedded default configuration (`config/default.toml`): echo on
 /// `tcp://127.0.0.1:8009` with two workers.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// The largest pool: `workers`, `max_workers`, SIGTTIN and `scale` stop
+/// here (a bound on fork bombs by typo, and what the scoreboard is sized
+/// for).
+pub const MAX_WORKERS: u32 = 4096;
 
 /// What the configuration was read from; used in error messages and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +102,10 @@ pub struct Config {
     /// Where this configuration was read from.
     #[serde(skip, default = "embedded")]
     pub source: Source,
+    /// The text it was parsed from, to locate spans in errors found later
+    /// ([`Config::error_at`]).
+    #[serde(skip)]
+    text: Arc<str>,
 }
 
 fn embedded() -> Source {
@@ -681,11 +697,11 @@ impl ServiceConfig {
                     ),
                 ));
             }
-            if !(1..=4096).contains(v.get_ref()) {
+            if !(1..=MAX_WORKERS).contains(v.get_ref()) {
                 return Err((
                     v.span(),
                     format!(
-                        "service {name:?}: {key} = {}: expected a number from 1 to 4096",
+                        "service {name:?}: {key} = {}: expected a number from 1 to {MAX_WORKERS}",
                         v.get_ref()
                     ),
                 ));
@@ -1020,7 +1036,10 @@ impl<'de> Deserialize<'de> for Workers {
         impl Visitor<'_> for V {
             type Value = Workers;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number of workers from 1 to 4096, or \"auto\"")
+                write!(
+                    f,
+                    "a number of workers from 1 to {MAX_WORKERS}, or \"auto\""
+                )
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Workers, E> {
                 if n == 0 {
@@ -1028,10 +1047,10 @@ impl<'de> Deserialize<'de> for Workers {
                         "workers = 0: a service needs at least 1 worker (or \"auto\")",
                     ));
                 }
-                match u32::try_from(n).ok().filter(|n| *n <= 4096) {
+                match u32::try_from(n).ok().filter(|n| *n <= MAX_WORKERS) {
                     Some(n) => Ok(Workers::Count(NonZeroU32::new(n).expect("n > 0"))),
                     None => Err(E::custom(format!(
-                        "workers = {n}: expected a number from 1 to 4096, or \"auto\""
+                        "workers = {n}: expected a number from 1 to {MAX_WORKERS}, or \"auto\""
                     ))),
                 }
             }
@@ -1040,7 +1059,7 @@ impl<'de> Deserialize<'de> for Workers {
                     Ok(Workers::Auto)
                 } else {
                     Err(E::custom(format!(
-                        "workers = {s:?}: expected a number from 1 to 4096, or \"auto\""
+                        "workers = {s:?}: expected a number from 1 to {MAX_WORKERS}, or \"auto\""
                     )))
                 }
             }
@@ -1257,87 +1276,44 @@ impl FromStr for ListenAddr {
 
 impl Config {
     /// Reads and validates the file at `path`.
-    pub fn load(path: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, Source::File(path.to_owned()), registry)
+        Config::parse(&text, Source::File(path.to_owned()))
     }
 
     /// The embedded default configuration.
-    pub fn embedded(registry: &Registry) -> Result<Config, ConfigError> {
-        Config::parse(EMBEDDED_DEFAULT, Source::Embedded, registry)
-    }
-
-    /// Runs each service's plugin check (see
-    /// [`crate::handler::PluginInfo::check`]): what `preforkd check` adds to
-    /// parsing. Never called in the master, which leaves plugins to the
-    /// workers. An error points at the service's `plugin = "…"`.
-    pub fn check_plugins(&self, registry: &Registry) -> Result<(), ConfigError> {
-        let text = match &self.source {
-            Source::File(path) => {
-                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            Source::Embedded => EMBEDDED_DEFAULT.to_owned(),
-        };
-        for svc in &self.services {
-            let plugin = &svc.handler.plugin;
-            let Some(check) = registry.get(plugin.get_ref()).and_then(|p| p.check.clone()) else {
-                continue;
-            };
-            let ctx = crate::handler::PluginContext::new(
-                svc.name.get_ref().as_str(),
-                &svc.handler.options,
-                svc.graceful_timeout,
-            );
-            if let Err(message) = check(&ctx) {
-                let (line, column) = line_col(&text, plugin.span().start);
-                return Err(ConfigError::Invalid {
-                    origin: self.source.clone(),
-                    line,
-                    column,
-                    message: format!(
-                        "service {:?}: plugin {:?}: {}",
-                        svc.name.get_ref(),
-                        plugin.get_ref(),
-                        message.replace('\n', " ")
-                    ),
-                });
-            }
-        }
-        Ok(())
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED_DEFAULT, Source::Embedded)
     }
 
     /// Parses and validates `text`; `source` names it in errors.
-    pub fn parse(text: &str, source: Source, registry: &Registry) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, source: Source) -> Result<Config, ConfigError> {
         let locate = |span: Option<std::ops::Range<usize>>, message: String| {
-            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
-            ConfigError::Invalid {
-                origin: source.clone(),
-                line,
-                column,
-                message,
-            }
+            error_at(&source, text, span.map_or(0, |s| s.start), message)
         };
         let mut config: Config = toml::from_str(text)
             .map_err(|e| locate(e.span(), e.message().trim().replace('\n', "; ")))?;
         config.source = source.clone();
+        config.text = text.into();
         config
-            .validate_mut(registry)
+            .validate_mut()
             .map_err(|(span, message)| locate(Some(span), message))?;
         Ok(config)
     }
 
+    /// An error at byte `offset` of the text this config was parsed from
+    /// (a span of one of its `Spanned` values), for checks made after
+    /// parsing (src/resolve.rs).
+    pub fn error_at(&self, offset: usize, message: String) -> ConfigError {
+        error_at(&self.source, &self.text, offset, message)
+    }
+
     /// Checks what serde cannot see: uniqueness across services, non-empty
-    /// lists, plugin names. Returns the span of the offending value.
-    fn validate_mut(
-        &mut self,
-        registry: &Registry,
-    ) -> Result<(), (std::ops::Range<usize>, String)> {
+    /// lists. Returns the span of the offending value.
+    fn validate_mut(&mut self) -> Result<(), (std::ops::Range<usize>, String)> {
         for svc in &mut self.services {
             svc.addrs = svc
                 .listen
@@ -1431,37 +1407,6 @@ impl Config {
                 }
             }
             svc.validate_pool()?;
-            let plugin = svc.handler.plugin.get_ref();
-            match registry.get(plugin) {
-                None => {
-                    return Err((
-                        svc.handler.plugin.span(),
-                        format!(
-                            "unknown plugin {plugin:?}: expected one of {}",
-                            registry.names().join(", ")
-                        ),
-                    ));
-                }
-                Some(info) => {
-                    for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
-                        // A systemd socket's kind is checked when it is
-                        // adopted.
-                        if addr.systemd_name().is_some() {
-                            continue;
-                        }
-                        let stream = addr.is_stream();
-                        if (stream && !info.stream) || (!stream && !info.datagram) {
-                            return Err((
-                                written.span(),
-                                format!(
-                                    "plugin {plugin:?} does not serve {} sockets, so it cannot listen on {addr}",
-                                    if stream { "stream" } else { "datagram" },
-                                ),
-                            ));
-                        }
-                    }
-                }
-            }
         }
         Ok(())
     }
@@ -1469,6 +1414,17 @@ impl Config {
     /// The effective configuration as TOML, defaults filled in.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config model always serializes")
+    }
+}
+
+/// A [`ConfigError::Invalid`] at byte `offset` of `text`.
+fn error_at(source: &Source, text: &str, offset: usize, message: String) -> ConfigError {
+    let (line, column) = line_col(text, offset);
+    ConfigError::Invalid {
+        origin: source.clone(),
+        line,
+        column,
+        message,
     }
 }
 
@@ -1486,8 +1442,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, String> {
-        Config::parse(text, Source::File("t.toml".into()), &Registry::builtin())
-            .map_err(|e| e.to_string())
+        Config::parse(text, Source::File("t.toml".into())).map_err(|e| e.to_string())
     }
 
     const GOOD: &str = r#"
@@ -1529,7 +1484,7 @@ plugin = "echo"
 
     #[test]
     fn embedded_default_is_echo_on_8009_with_two_workers() {
-        let c = Config::embedded(&Registry::builtin()).unwrap();
+        let c = Config::embedded().unwrap();
         assert_eq!(c.services.len(), 1);
         let s = &c.services[0];
         assert_eq!(s.handler.plugin.get_ref(), "echo");
@@ -1641,18 +1596,6 @@ plugin = "echo"
         );
         // Port 0 twice is two different kernel-chosen ports.
         parse(&two("b", "tcp://127.0.0.1:0").replace(":7\"", ":0\"")).unwrap();
-    }
-
-    #[test]
-    fn unknown_plugin_lists_known_ones() {
-        let e = err(
-            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:1\"]\n[service.handler]\nplugin = \"ehco\"\n",
-        );
-        assert!(
-            e.starts_with("t.toml:5:10: unknown plugin \"ehco\": expected one of"),
-            "{e}"
-        );
-        assert!(e.contains("chargen, daytime, discard, dylib, echo"), "{e}");
     }
 
     #[test]

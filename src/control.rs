@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::poll::PollFlags;
 use serde_json::{Value, json};
 
+use crate::config::MAX_WORKERS;
 use crate::listener::Listener;
 
 /// A client that has not sent a complete request this long is dropped.
@@ -66,12 +67,12 @@ impl Request {
             ["upgrade"] => Ok(Request::Upgrade),
             ["stop"] => Ok(Request::Stop),
             ["scale", service, n] => match n.parse::<u32>() {
-                Ok(workers) if (1..=4096).contains(&workers) => Ok(Request::Scale {
+                Ok(workers) if (1..=MAX_WORKERS).contains(&workers) => Ok(Request::Scale {
                     service: service.to_string(),
                     workers,
                 }),
                 _ => Err(format!(
-                    "scale: the number of workers must be 1 to 4096, got {n:?}"
+                    "scale: the number of workers must be 1 to {MAX_WORKERS}, got {n:?}"
                 )),
             },
             _ => Err(format!(

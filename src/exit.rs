@@ -42,6 +42,12 @@ pub mod worker {
     /// Connections were still open too long after the worker was asked to
     /// stop (`graceful_timeout`, or 1 s once the master is gone).
     pub const STOP_TIMEOUT: i32 = 6;
+    /// The worker (or the metrics process) panicked outside a connection:
+    /// a bug in preforkd or in a plugin's set-up, not the master's 70.
+    pub const PANICKED: i32 = 7;
+    /// An accept loop failed in a way that is not one connection's error
+    /// (the listener itself broke): the master backs off and replaces it.
+    pub const ACCEPT_FAILED: i32 = 8;
 }
 
 /// How a child process ended, classified from its wait status.
@@ -90,6 +96,14 @@ impl fmt::Display for ChildExit {
                 f,
                 "exited with status {} (stop timed out)",
                 worker::STOP_TIMEOUT
+            ),
+            ChildExit::Exited(worker::PANICKED) => {
+                write!(f, "exited with status {} (panicked)", worker::PANICKED)
+            }
+            ChildExit::Exited(worker::ACCEPT_FAILED) => write!(
+                f,
+                "exited with status {} (accept failed)",
+                worker::ACCEPT_FAILED
             ),
             ChildExit::Exited(c) => write!(f, "exited with status {c}"),
             ChildExit::Signaled(sig, core) => {

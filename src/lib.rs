@@ -65,6 +65,7 @@ pub mod listener;
 pub mod log;
 pub mod master;
 pub mod metrics;
+pub mod resolve;
 pub mod scoreboard;
 pub mod signals;
 pub mod stats;

@@ -185,7 +185,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     worker.serve(spec.service.threads);
     if worker.failed.load(Ordering::SeqCst) {
         // Not a clean exit: the master backs off instead of respawning at once.
-        return code::SETUP_ERROR;
+        return code::ACCEPT_FAILED;
     }
     code::OK
 }

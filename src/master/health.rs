@@ -25,7 +25,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use super::{Child, Master, Phase};
+use super::pool::Child;
+use super::{Master, Phase};
 use crate::config::ServiceConfig;
 use crate::scoreboard::{Scoreboard, service_id};
 use crate::sys;
@@ -38,8 +39,9 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 pub struct Health {
     /// When the next check runs; None: no service has a `timeout`.
     next: Option<Instant>,
-    /// Workers sent SIGABRT, and when they get SIGKILL.
-    aborted: HashMap<Pid, Instant>,
+    /// Workers sent SIGABRT, and when they get SIGKILL (None: sent
+    /// already; kept until reaped, so that the exit counts as `stuck`).
+    aborted: HashMap<Pid, Option<Instant>>,
 }
 
 impl Health {
@@ -85,23 +87,15 @@ impl Master {
     /// A child's service config, if its generation is the one in force or
     /// the one a reload is booting.
     fn config_of(&self, child: &Child) -> Option<&ServiceConfig> {
-        let pools = if child.generation == self.generation {
-            Some(&self.pools)
-        } else {
-            self.reload
-                .as_ref()
-                .filter(|r| r.generation == child.generation)
-                .map(|r| &r.pools)
-        };
-        pools.and_then(|p| p.get(child.pool)).map(|p| &p.config)
+        self.pools_of(child.generation)
+            .and_then(|p| p.get(child.pool))
+            .map(|p| &p.config)
     }
 
     /// How often to check: a quarter of the shortest `timeout` (between
     /// 50 ms and 1 s); None when no service has one.
     fn health_interval(&self) -> Option<Duration> {
-        self.pools
-            .iter()
-            .chain(self.reload.iter().flat_map(|r| r.pools.iter()))
+        self.live_pools()
             .map(|p| p.config.timeout)
             .filter(|t| !t.is_zero())
             .min()
@@ -113,7 +107,7 @@ impl Master {
         self.health
             .next
             .into_iter()
-            .chain(self.health.aborted.values().copied())
+            .chain(self.health.aborted.values().flatten().copied())
     }
 
     /// Kills what is stuck: SIGKILL for workers sent SIGABRT more than
@@ -128,15 +122,13 @@ impl Master {
             .health
             .aborted
             .iter()
-            .filter(|(_, at)| now >= **at)
+            .filter(|(_, at)| at.is_some_and(|at| now >= at))
             .map(|(pid, _)| *pid)
             .collect();
         for pid in due {
             // Kept (with no further deadline) until it is reaped, so that its
             // exit is counted as `stuck`.
-            self.health
-                .aborted
-                .insert(pid, now + Duration::from_secs(365 * 24 * 3600));
+            self.health.aborted.insert(pid, None);
             if let Some(child) = self.children.get(&pid) {
                 log::warn!(
                     "worker {} (pid {pid}) still running {} after SIGABRT; sending SIGKILL",
@@ -217,7 +209,7 @@ impl Master {
             if let Some(child) = self.children.get_mut(&pid) {
                 child.killed = true;
             }
-            self.health.aborted.insert(pid, now + ABORT_GRACE);
+            self.health.aborted.insert(pid, Some(now + ABORT_GRACE));
         }
     }
 

@@ -1,37 +1,35 @@
 //! The pool policy: what the master does on its maintenance tick and when
 //! an ondemand service has a connection waiting. Adaptive pool sizes
 //! (`pool = "dynamic" | "ondemand"`, PHP-FPM's `pm`), recycling by memory
-//! and age with the replacement started first, the counters of
-//! src/stats.rs, and the `[metrics]` child's life.
+//! and age with the replacement started first, and the counters of
+//! src/stats.rs.
 //!
-//! Everything here runs in the master's loop (src/master.rs), between the
+//! Everything here runs in the master's loop (src/master/mod.rs), between the
 //! signals and the spawns: a decision adds or vacates slots, and
 //! `spawn_missing` forks what the slots lack. Nothing here blocks: the
 //! samples are reads of the scoreboard, of /proc/PID/statm and getsockopt.
 //!
-//! Owns: the recycling state of each pool (`Recycle`) and the metrics
-//! child's (`MetricsChild`).
+//! Owns: the recycling state of each pool ([`Recycle`]).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::{Child, MIN_HEALTHY_LIFETIME, Master, Phase, Pool, backoff, find};
+use super::pool::{Child, Pool};
+use super::{Master, Phase};
 use crate::config::{Config, ListenAddr, PoolKind, ServiceConfig};
-use crate::exit::{ChildExit, code};
-use crate::listener::Listener;
+use crate::exit::ChildExit;
+use crate::handler::PluginInfo;
 use crate::stats::{ExitCause, SpawnCause, Stats, WorkerState};
-use crate::sys::{self, Forked};
+use crate::sys;
 
 /// How often the maintenance tick runs: pool sizes, recycling, samples.
-pub const TICK: Duration = Duration::from_secs(1);
+pub const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
 /// Most workers a dynamic pool starts in one step (Apache's prefork and
 /// PHP-FPM's `pm.max_spawn_rate` default).
 pub const MAX_SPAWN_RATE: u32 = 32;
-/// listen(2) backlog of the metrics socket.
-pub const METRICS_BACKLOG: i32 = 64;
 /// An ondemand pool with an idle (or starting) worker while a connection
 /// waits: how long before the master looks at its listeners again (the
 /// worker is about to accept). Bounds the master's wake-ups.
@@ -51,34 +49,6 @@ pub struct Recycle {
     pub retired: bool,
 }
 
-/// The `[metrics]` child process.
-#[derive(Debug)]
-pub struct MetricsChild {
-    /// The running one.
-    pub pid: Option<Pid>,
-    /// When it was started.
-    pub started: Instant,
-    /// Consecutive failures (died within MIN_HEALTHY_LIFETIME, or not
-    /// cleanly).
-    pub failures: u32,
-    /// When to start the next one; None: as soon as possible.
-    pub respawn_at: Option<Instant>,
-    /// Replaced ones (reload), not reaped yet.
-    pub retiring: Vec<Pid>,
-}
-
-impl Default for MetricsChild {
-    fn default() -> MetricsChild {
-        MetricsChild {
-            pid: None,
-            started: Instant::now(),
-            failures: 0,
-            respawn_at: None,
-            retiring: Vec::new(),
-        }
-    }
-}
-
 /// Idle, busy and pending (slots with no ready worker) places of a pool.
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
@@ -87,16 +57,23 @@ struct Counts {
     pending: usize,
 }
 
-/// The bound address of an inet listener, for the log.
-pub fn bound_inet(l: &Listener) -> String {
-    match &l.bound {
-        ListenAddr::Tcp(a) | ListenAddr::Udp(a) => a.to_string(),
-        other => other.to_string(),
+impl Pool {
+    /// The pools of a resolved config (`plugins[i]` for `services[i]`),
+    /// each given its index in the counters, with its kind recorded.
+    pub(super) fn all(config: &Config, plugins: Vec<PluginInfo>, stats: &mut Stats) -> Vec<Pool> {
+        let mut pools: Vec<Pool> = config
+            .services
+            .iter()
+            .zip(plugins)
+            .map(|(svc, plugin)| Pool::new(svc, plugin, &config.daemon.credentials))
+            .collect();
+        register(stats, &mut pools);
+        pools
     }
 }
 
 /// Gives each pool its index in the counters, and records its kind.
-pub fn register(stats: &mut Stats, pools: &mut [Pool]) {
+fn register(stats: &mut Stats, pools: &mut [Pool]) {
     for pool in pools {
         pool.stats = stats.service(pool.name());
         let kind = match pool.config.pool_kind() {
@@ -198,7 +175,7 @@ impl Master {
         if self.maintain_at.is_none_or(|at| now < at) {
             return;
         }
-        self.maintain_at = Some(now + TICK);
+        self.maintain_at = Some(now + MAINTENANCE_TICK);
         self.sample_idle(now);
         for p in 0..self.pools.len() {
             self.check_recycle(p);
@@ -260,15 +237,11 @@ impl Master {
         c
     }
 
-    /// Idle and busy workers of a pool, for status.
-    pub(super) fn idle_busy(&self, pool: &Pool) -> (usize, usize) {
-        match self.pools.iter().position(|p| std::ptr::eq(p, pool)) {
-            Some(p) => {
-                let c = self.counts(p);
-                (c.idle, c.busy)
-            }
-            None => (0, 0),
-        }
+    /// Idle and busy workers of pool `p` (of the generation in force),
+    /// for status.
+    pub(super) fn idle_busy(&self, p: usize) -> (usize, usize) {
+        let c = self.counts(p);
+        (c.idle, c.busy)
     }
 
     /// Times the service's pool was at `max_workers` with none idle.
@@ -292,7 +265,7 @@ impl Master {
                 continue;
             }
             for key in &pool.listeners {
-                if let Some(l) = find(&self.listeners, key) {
+                if let Some(l) = self.listener(key) {
                     out.push((p, l.as_fd()));
                 }
             }
@@ -317,7 +290,7 @@ impl Master {
             self.note_at_max(p, true);
             // Until a worker frees up or the next tick: no busy loop on a
             // listener that stays readable.
-            self.pools[p].listen_pause = Some(now + TICK / 4);
+            self.pools[p].listen_pause = Some(now + MAINTENANCE_TICK / 4);
             return;
         }
         let queued = self.queue_len(p).map_or(1, |(q, _)| q.max(1) as usize);
@@ -375,7 +348,7 @@ impl Master {
                     total
                 );
                 pool.rate = (pool.rate * 2).min(MAX_SPAWN_RATE);
-                pool.grow_at = Some(now + TICK);
+                pool.grow_at = Some(now + MAINTENANCE_TICK);
             }
             return;
         }
@@ -607,7 +580,7 @@ impl Master {
     fn queue_len(&self, p: usize) -> Option<(u64, u64)> {
         let mut sum: Option<(u64, u64)> = None;
         for key in &self.pools[p].listeners {
-            if let Some(l) = find(&self.listeners, key)
+            if let Some(l) = self.listener(key)
                 && matches!(l.bound, ListenAddr::Tcp(_))
                 && let Some((q, b)) = sys::listen_queue(l.as_fd())
             {
@@ -633,108 +606,6 @@ impl Master {
                 self.stats.set_state(child.svc, child.board, state);
                 child.reported = Some(state);
             }
-        }
-    }
-
-    /// Starts the metrics child if the config has `[metrics]` and none runs.
-    pub(super) fn spawn_metrics(&mut self) {
-        if !matches!(self.phase, Phase::Starting | Phase::Running) || self.metrics.pid.is_some() {
-            return;
-        }
-        if self
-            .metrics
-            .respawn_at
-            .is_some_and(|at| Instant::now() < at)
-        {
-            return;
-        }
-        let Some(key) = self.config.metrics.listen_key() else {
-            return;
-        };
-        let Some(l) = find(&self.listeners, &key) else {
-            return;
-        };
-        let fd = match l.try_clone_fd() {
-            Ok(fd) => fd,
-            Err(e) => {
-                log::error!("metrics: dup() failed: {e}");
-                self.metrics_failed();
-                return;
-            }
-        };
-        match sys::fork() {
-            Err(e) => {
-                log::error!("metrics: cannot start the metrics process: fork() failed: {e}");
-                self.metrics_failed();
-            }
-            Ok(Forked::Child) => {
-                let spec = crate::metrics::MetricsSpec {
-                    listener: fd,
-                    stats: &self.stats,
-                    board: &self.board,
-                    master: self.pid,
-                    credentials: self.config.daemon.credentials.as_ref(),
-                };
-                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    crate::metrics::run(spec)
-                }))
-                .unwrap_or(code::SOFTWARE);
-                std::process::exit(code);
-            }
-            Ok(Forked::Parent(pid)) => {
-                drop(fd);
-                log::info!("metrics process (pid {pid}) spawned");
-                self.metrics.pid = Some(pid);
-                self.metrics.started = Instant::now();
-                self.metrics.respawn_at = None;
-            }
-        }
-    }
-
-    fn metrics_failed(&mut self) {
-        self.metrics.failures += 1;
-        let delay = backoff(self.metrics.failures);
-        self.metrics.respawn_at = Some(Instant::now() + delay);
-    }
-
-    /// Reaps the metrics child (true if `pid` was one); a dead one is
-    /// restarted, with the workers' backoff if it keeps failing.
-    pub(super) fn metrics_exited(&mut self, pid: Pid, exit: ChildExit) -> bool {
-        if let Some(i) = self.metrics.retiring.iter().position(|p| *p == pid) {
-            self.metrics.retiring.swap_remove(i);
-            log::info!("metrics process (pid {pid}) {exit}");
-            return true;
-        }
-        if self.metrics.pid != Some(pid) {
-            return false;
-        }
-        self.metrics.pid = None;
-        let running = matches!(self.phase, Phase::Starting | Phase::Running);
-        if !running {
-            log::info!("metrics process (pid {pid}) {exit}");
-            return true;
-        }
-        log::warn!("metrics process (pid {pid}) {exit}; starting another");
-        if !exit.is_clean() && self.metrics.started.elapsed() < MIN_HEALTHY_LIFETIME {
-            self.metrics_failed();
-        } else {
-            self.metrics.failures = 0;
-        }
-        true
-    }
-
-    /// Reload: the metrics child of the new config replaces the old one.
-    pub(super) fn restart_metrics(&mut self) {
-        self.stop_metrics();
-        self.metrics.respawn_at = None;
-        self.metrics.failures = 0;
-    }
-
-    /// Asks the metrics child to stop (stop, upgrade, reload).
-    pub(super) fn stop_metrics(&mut self) {
-        if let Some(pid) = self.metrics.pid.take() {
-            let _ = kill(pid, Signal::SIGTERM);
-            self.metrics.retiring.push(pid);
         }
     }
 }

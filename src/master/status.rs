@@ -1,0 +1,190 @@
+//! What the master tells about itself: the `preforkd status` document,
+//! the one-line `STATUS=` for the service manager, `READY=1` at the end
+//! of a reload, and the watchdog's `WATCHDOG=1`.
+//!
+//! Owns: nothing beyond `Master::last_status` and `Master::watchdog_at`.
+
+use std::time::Instant;
+
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use super::pool::{Child, Pool};
+use super::{Master, Phase};
+use crate::systemd::{self, NotifyState};
+
+impl Master {
+    /// `READY=1` with the status: the end of a reload, success or not.
+    pub(super) fn notify_ready(&mut self) {
+        let status = self.status_line(None);
+        self.notifier
+            .send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        self.last_status = status;
+    }
+
+    /// Sends `STATUS=` when it changed (a worker died or became ready)
+    /// while running; transitions send theirs with their message.
+    pub(super) fn update_status(&mut self) {
+        if self.phase != Phase::Running || !self.notifier.enabled() {
+            return;
+        }
+        let status = self.status_line(self.reload.as_ref().map(|r| r.generation));
+        if status != self.last_status {
+            self.notifier.send(&[NotifyState::Status(&status)]);
+            self.last_status = status;
+        }
+    }
+
+    /// Sends `WATCHDOG=1` when its timer is due: from the loop, so a master
+    /// stuck anywhere stops feeding it. A retiring master leaves that to
+    /// its successor.
+    pub(super) fn tick_watchdog(&mut self) {
+        let (Some(at), Some(every)) = (self.watchdog_at, self.notifier.watchdog_interval()) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        if matches!(self.phase, Phase::Retiring { .. }) {
+            self.watchdog_at = None;
+            return;
+        }
+        self.notifier.send(&[NotifyState::Watchdog]);
+        self.watchdog_at = Some(now + every);
+    }
+
+    /// The one-line state for `STATUS=`: `generation 3; echo 4/4 workers;
+    /// last reload ok (generation 3)`. `reloading`: the generation a reload
+    /// is starting.
+    pub(super) fn status_line(&self, reloading: Option<u64>) -> String {
+        let mut parts = vec![format!("generation {}", self.generation)];
+        for p in &self.pools {
+            let ready = p
+                .slots
+                .iter()
+                .filter_map(|s| s.pid)
+                .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
+                .count();
+            parts.push(format!("{} {ready}/{} workers", p.name(), p.size()));
+        }
+        match (reloading, &self.last_reload) {
+            (Some(g), _) => parts.push(format!("reloading (generation {g})")),
+            (None, Some(o)) if o.ok => {
+                parts.push(format!("last reload ok (generation {})", o.generation))
+            }
+            (None, Some(o)) => parts.push(format!(
+                "last reload failed (generation {}): {}",
+                o.generation, o.reason
+            )),
+            (None, None) => {}
+        }
+        systemd::status_text(&parts.join("; "))
+    }
+
+    /// The state as `preforkd status` shows it.
+    pub(super) fn status(&self) -> Value {
+        let now = Instant::now();
+        let worker = |pid: &Pid, c: &Child| {
+            let counters = c.board.map(|b| self.board.read(b)).unwrap_or_default();
+            let state = if self.health.is_stuck(*pid) {
+                "stuck"
+            } else if c.kill_at.is_some() || c.slot.is_none() {
+                "stopping"
+            } else if !c.ready {
+                "starting"
+            } else if counters.active > 0 {
+                "busy"
+            } else {
+                "idle"
+            };
+            let mut w = json!({
+                "pid": pid.as_raw(),
+                "name": c.name,
+                "generation": c.generation,
+                "state": state,
+                "served": counters.served,
+                "active": counters.active,
+                "age_ms": (now - c.started).as_millis() as u64,
+            });
+            self.board_status(c, &mut w);
+            w
+        };
+        let mut names: Vec<String> = self.pools.iter().map(|p| p.name().to_string()).collect();
+        for c in self.children.values() {
+            if !names.contains(&c.service) {
+                names.push(c.service.clone());
+            }
+        }
+        let services: Vec<Value> = names
+            .iter()
+            .map(|name| {
+                let index = self.pools.iter().position(|p| p.name() == name);
+                let pool = index.map(|p| &self.pools[p]);
+                let mut workers: Vec<(&Pid, &Child)> = self
+                    .children
+                    .iter()
+                    .filter(|(_, c)| &c.service == name)
+                    .collect();
+                workers.sort_by_key(|(pid, c)| (c.generation, c.name.clone(), pid.as_raw()));
+                let listeners: Vec<String> = pool
+                    .map(|p| {
+                        p.listeners
+                            .iter()
+                            .filter_map(|k| self.listener(k))
+                            .map(|l| l.bound.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let (idle, busy) = index.map_or((0, 0), |p| self.idle_busy(p));
+                json!({
+                    "name": name,
+                    "plugin": pool.map(|p| p.plugin.name.clone()),
+                    "size": pool.map(Pool::size),
+                    "pool": pool.map(|p| p.config.pool_kind().to_string()),
+                    "idle": idle,
+                    "busy": busy,
+                    "max_workers": pool.and_then(|p| p.config.max_workers.as_ref().map(|m| *m.get_ref())),
+                    "pool_at_max": pool.map_or(0, |p| self.at_max_count(p)),
+                    "recycling": pool.and_then(|p| p.recycle.as_ref().map(|r| r.old.as_raw())),
+                    "listeners": listeners,
+                    "workers": workers.into_iter().map(|(p, c)| worker(p, c)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let phase = match &self.phase {
+            Phase::Starting => "starting".to_string(),
+            Phase::Running => "running".to_string(),
+            Phase::Stopping { fast: false } => "stopping".to_string(),
+            Phase::Stopping { fast: true } => "stopping (fast)".to_string(),
+            Phase::Retiring { successor } => format!("retiring (replaced by {successor})"),
+        };
+        let last = self.last_reload.as_ref().map(|o| {
+            json!({
+                "generation": o.generation,
+                "ok": o.ok,
+                "message": o.message,
+                "at": humantime::format_rfc3339_seconds(o.at).to_string(),
+            })
+        });
+        json!({
+            "ok": true,
+            "pid": self.pid.as_raw(),
+            "state": phase,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "generation": self.generation,
+            "config": self.config.source.to_string(),
+            "reload": {
+                "in_progress": self.reload.as_ref().map(|r| r.generation),
+                "pending": self.pending_reload.is_some(),
+                "last": last,
+            },
+            "upgrade": {
+                "in_progress": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
+                "pending": self.pending_upgrade.is_some(),
+                "previous_master_draining": self.predecessor.is_some(),
+            },
+            "services": services,
+        })
+    }
+}
