@@ -664,6 +664,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_error_has_its_exit_status() {
+        let io = || std::io::Error::other("x");
+        let boot = MasterError::Boot {
+            service: "a".into(),
+            reason: "r".into(),
+        };
+        let pid_file = MasterError::PidFile {
+            path: "/x".into(),
+            source: io(),
+        };
+        let sys = MasterError::Sys {
+            syscall: "poll",
+            source: io(),
+        };
+        let log = LogError::File {
+            path: "/x".into(),
+            source: io(),
+        };
+        let setup = Error::Setup {
+            context: "binary upgrade",
+            reason: "bad".into(),
+        };
+        let config = ConfigError::Read {
+            path: "/x".into(),
+            source: io(),
+        };
+        assert_eq!(exit_status(&Error::DaemonNeedsPidFile), code::CONFIG);
+        assert_eq!(exit_status(&Error::Config(config)), code::CONFIG);
+        assert_eq!(exit_status(&Error::Master(boot)), code::CONFIG);
+        assert_eq!(exit_status(&Error::Master(pid_file)), code::CANTCREAT);
+        assert_eq!(exit_status(&Error::Log(log)), code::CANTCREAT);
+        assert_eq!(exit_status(&Error::Master(sys)), code::SOFTWARE);
+        assert_eq!(exit_status(&setup), code::SOFTWARE);
+        assert_eq!(setup.to_string(), "binary upgrade: bad");
+    }
+
+    #[test]
     fn endpoints_survive_a_broken_config() {
         let valid_toml = "[control]\nsocket = \"/run/p.sock\"\n[daemon]\npid_file = \"/run/p.pid\"\n[[service]]\nname = 3\n";
         assert_eq!(

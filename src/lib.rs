@@ -8,20 +8,38 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line, and exit codes for every error.
-//! - [`config`]: the TOML schema, defaults, validation with file:line:col.
-//! - [`listener`]: binding TCP, UDP and Unix sockets in the master.
-//! - [`master`]: the master loop and its phases.
-//! - [`worker`]: what a forked worker runs.
+//! The processes, from the top: [`cli`] parses the command line and starts
+//! the [`master`], which binds sockets and forks [`worker`]s (and one
+//! [`metrics`] process); workers run [`handler`] plugins.
+//!
+//! - [`cli`]: the command line, and the one place errors become exit codes.
+//! - [`config`]: the TOML schema, defaults and validation with
+//!   file:line:col; pure data.
+//! - [`resolve`]: a parsed config plus the plugin registry gives each
+//!   service its plugin; socket kinds checked; `check`'s plugin checkers.
+//! - [`master`]: the master process, a folder with one file per job (its
+//!   module doc lists them): the loop and its dispatch, pools, listeners,
+//!   reload, binary upgrade, status, pool policy, stuck workers, the
+//!   metrics child.
+//! - [`listener`]: binding and adopting TCP, UDP and Unix sockets.
+//! - [`upgrade`]: what one master hands the next across a binary upgrade.
+//! - [`control`]: the control socket (`status`, `reload`, `upgrade`,
+//!   `stop`, `scale`), both sides.
+//! - [`daemon`]: `--daemon`, detaching and the launcher's wait.
+//! - [`systemd`]: sd_notify messages, socket activation (`LISTEN_FDS`).
+//! - [`worker`]: what a forked worker runs: accept, verify, handle.
 //! - [`acl`]: a service's `allow` and `deny` lists.
-//! - [`scoreboard`]: the workers' shared-memory slots.
 //! - [`handler`]: the handler traits, the connection type, the plugin
-//!   registry and the built-in plugins (echo, discard, daytime, chargen).
-//! - [`signals`]: the master's signal self-pipe.
-//! - [`exit`]: exit codes, and classification of a child's wait status.
-//! - [`systemd`]: sd_notify messages to the service manager.
-//! - [`sys`]: the few `unsafe` operating-system calls.
-//! - [`log`]: the stderr logger.
+//!   registry and the plugins (echo, discard, daytime, chargen, exec,
+//!   dylib).
+//! - [`scoreboard`]: the workers' shared-memory slots.
+//! - [`stats`]: the master's counters, shared with the metrics process.
+//! - [`metrics`]: the `[metrics]` process, Prometheus text over HTTP.
+//! - [`signals`]: every signal in one table: the master's self-pipe, the
+//!   workers' handlers, what exec'd programs get reset.
+//! - [`exit`]: the exit codes, and a child's wait status classified.
+//! - [`log`]: the logger: stderr, journald, a file or syslog; reopening.
+//! - [`sys`]: the `unsafe` operating-system calls, each with its `SAFETY:`.
 //!
 //! # Embedding
 //!

@@ -17,7 +17,7 @@
 //!
 //! What happens to the daemon is decided here: the other files act on
 //! their part of the state and return what they found (a worker's end is
-//! a [`pool::Verdict`]; a failed start becomes [`MasterError`], which the
+//! a `Verdict` of pool.rs; a failed start becomes [`MasterError`], which the
 //! CLI turns into the exit status).
 //!
 //! The files: `wake.rs` the one poll; `pool.rs` pools, slots, workers,

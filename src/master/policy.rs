@@ -613,6 +613,104 @@ impl Master {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Source;
+    use nix::sys::signal::Signal;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "{extra}\n[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:0\"]\n[service.handler]\nplugin = \"echo\"\n"
+        );
+        Config::parse(&text, Source::Embedded).unwrap()
+    }
+
+    fn service(keys: &str) -> ServiceConfig {
+        let text = format!(
+            "[[service]]\nname = \"a\"\nlisten = [\"tcp://127.0.0.1:0\"]\n{keys}\n[service.handler]\nplugin = \"echo\"\n"
+        );
+        Config::parse(&text, Source::Embedded)
+            .unwrap()
+            .services
+            .remove(0)
+    }
+
+    #[test]
+    fn exit_causes_follow_who_ended_the_worker() {
+        let clean = ChildExit::Exited(0);
+        let mut c = Child::for_test(1, 0, Some(0));
+        assert_eq!(
+            exit_cause(&c, clean),
+            ExitCause::MaxRequests,
+            "in its slot: recycled itself"
+        );
+        assert_eq!(exit_cause(&c, ChildExit::Exited(1)), ExitCause::Error);
+        assert_eq!(
+            exit_cause(&c, ChildExit::Signaled(Signal::SIGSEGV, false)),
+            ExitCause::Signal
+        );
+        c.slot = None;
+        assert_eq!(
+            exit_cause(&c, clean),
+            ExitCause::Stopped,
+            "taken out of its slot"
+        );
+        c.retire_cause = Some(ExitCause::MaxAge);
+        assert_eq!(
+            exit_cause(&c, clean),
+            ExitCause::MaxAge,
+            "retired by the policy"
+        );
+        c.ready = false;
+        assert_eq!(exit_cause(&c, ChildExit::Exited(3)), ExitCause::BootFailed);
+        c.killed = true;
+        assert_eq!(exit_cause(&c, clean), ExitCause::Killed, "SIGKILL wins");
+    }
+
+    #[test]
+    fn only_ready_workers_in_their_slot_are_serving() {
+        let c = Child::for_test(2, 1, Some(0));
+        assert!(serving(&c, 2, 1));
+        assert!(!serving(&c, 1, 1), "another generation");
+        assert!(!serving(&c, 2, 0), "another pool");
+        let mut stopping = Child::for_test(2, 1, Some(0));
+        stopping.kill_at = Some(Instant::now());
+        assert!(!serving(&stopping, 2, 1));
+        let mut booting = Child::for_test(2, 1, Some(0));
+        booting.ready = false;
+        assert!(!serving(&booting, 2, 1));
+        assert!(!serving(&Child::for_test(2, 1, None), 2, 1), "retired");
+    }
+
+    #[test]
+    fn recycling_limits_add_at_most_the_jitter() {
+        assert_eq!(limits(&service("")), (0, None), "no limit: never recycled");
+        let s = service(
+            "max_memory = \"64MiB\"\nmax_memory_jitter = \"1MiB\"\nmax_age = \"1h\"\nmax_age_jitter = \"10m\"",
+        );
+        for _ in 0..100 {
+            let (rss, age) = limits(&s);
+            assert!((64 << 20..=65 << 20).contains(&rss), "{rss}");
+            let age = age.unwrap();
+            assert!(
+                (Duration::from_secs(3600)..=Duration::from_secs(4200)).contains(&age),
+                "{age:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tick_runs_only_for_what_needs_it() {
+        assert!(
+            !needs_tick(&config("")),
+            "a static pool, no limits, no metrics"
+        );
+        assert!(needs_tick(&config("[metrics]\nlisten = \"127.0.0.1:0\"")));
+        let dynamic = service("pool = \"dynamic\"\nmin_spare = 1\nmax_spare = 2\nmax_workers = 4");
+        let mut c = config("");
+        c.services = vec![dynamic];
+        assert!(needs_tick(&c));
+        c.services = vec![service("max_age = \"1h\"")];
+        assert!(needs_tick(&c));
+    }
 
     #[test]
     fn dynamic_growth_doubles_within_the_bounds() {

@@ -233,6 +233,37 @@ impl Child {
     }
 }
 
+#[cfg(test)]
+impl Child {
+    /// A ready worker of slot `slot` of pool `pool`, for unit tests.
+    pub(super) fn for_test(generation: u64, pool: usize, slot: Option<usize>) -> Child {
+        let now = Instant::now();
+        Child {
+            generation,
+            pool,
+            slot,
+            name: format!("t#{}", slot.unwrap_or(0)),
+            service: "t".into(),
+            started: now,
+            ready_deadline: now,
+            graceful: Duration::from_secs(1),
+            ready_pipe: None,
+            ready: true,
+            boot_error: None,
+            kill_at: None,
+            board: None,
+            svc: None,
+            rss_limit: 0,
+            age_limit: None,
+            idle_since: None,
+            last_served: 0,
+            retire_cause: None,
+            killed: false,
+            reported: None,
+        }
+    }
+}
+
 /// What a worker's end means beyond its own slot, for src/master/mod.rs to
 /// act on.
 #[derive(Debug, PartialEq, Eq)]

@@ -66,19 +66,10 @@ impl Master {
             return;
         }
         let busy = self.reload.is_some() || self.upgrade.is_some() || self.draining();
-        match &mut self.pending_reload {
-            Some(waiters) => {
-                waiters.extend(client);
-                log::info!("{by}: a reload is already pending; this request joins it");
-            }
-            None => {
-                self.pending_reload = Some(client.into_iter().collect());
-                if busy {
-                    log::info!(
-                        "{by}: reload queued until the reload, upgrade or drain in progress ends"
-                    );
-                }
-            }
+        if join_pending(&mut self.pending_reload, client) {
+            log::info!("{by}: a reload is already pending; this request joins it");
+        } else if busy {
+            log::info!("{by}: reload queued until the reload, upgrade or drain in progress ends");
         }
     }
 
@@ -329,5 +320,40 @@ impl Master {
             "error": reason,
         });
         self.reply_all(waiters, &answer);
+    }
+}
+
+/// A reload request joins the one pending, or becomes it: however many
+/// arrive while a reload runs, one more follows it, and every client
+/// asking hears its outcome. True if it joined one.
+fn join_pending(pending: &mut Option<Vec<ClientId>>, client: Option<ClientId>) -> bool {
+    match pending {
+        Some(waiters) => {
+            waiters.extend(client);
+            true
+        }
+        None => {
+            *pending = Some(client.into_iter().collect());
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_requests_collapse_into_one_pending() {
+        let mut pending = None;
+        assert!(!join_pending(&mut pending, None), "SIGHUP starts one");
+        assert_eq!(pending, Some(vec![]));
+        assert!(join_pending(&mut pending, Some(7)));
+        assert!(
+            join_pending(&mut pending, None),
+            "another SIGHUP adds nothing"
+        );
+        assert!(join_pending(&mut pending, Some(9)));
+        assert_eq!(pending, Some(vec![7, 9]), "one reload, two clients waiting");
     }
 }

@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use super::pool::{Child, Pool};
+use super::reload::Outcome;
 use super::{Master, Phase};
 use crate::systemd::{self, NotifyState};
 
@@ -68,17 +69,7 @@ impl Master {
                 .count();
             parts.push(format!("{} {ready}/{} workers", p.name(), p.size()));
         }
-        match (reloading, &self.last_reload) {
-            (Some(g), _) => parts.push(format!("reloading (generation {g})")),
-            (None, Some(o)) if o.ok => {
-                parts.push(format!("last reload ok (generation {})", o.generation))
-            }
-            (None, Some(o)) => parts.push(format!(
-                "last reload failed (generation {}): {}",
-                o.generation, o.reason
-            )),
-            (None, None) => {}
-        }
+        parts.extend(reload_part(reloading, self.last_reload.as_ref()));
         systemd::status_text(&parts.join("; "))
     }
 
@@ -186,5 +177,57 @@ impl Master {
             },
             "services": services,
         })
+    }
+}
+
+/// The reload part of `STATUS=`: the reload starting, or how the last one
+/// ended (a failure by its reason, the whole message being too long).
+fn reload_part(reloading: Option<u64>, last: Option<&Outcome>) -> Option<String> {
+    match (reloading, last) {
+        (Some(g), _) => Some(format!("reloading (generation {g})")),
+        (None, Some(o)) if o.ok => Some(format!("last reload ok (generation {})", o.generation)),
+        (None, Some(o)) => Some(format!(
+            "last reload failed (generation {}): {}",
+            o.generation, o.reason
+        )),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn outcome(ok: bool, reason: &str) -> Outcome {
+        Outcome {
+            generation: 4,
+            ok,
+            message: format!(
+                "reload (generation 4) failed after 12ms: {reason}; generation 3 keeps serving"
+            ),
+            reason: reason.into(),
+            at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn the_status_quotes_a_failed_reload_by_its_reason() {
+        let failed = outcome(false, "invalid config: /x.toml:3:1: bad; really");
+        assert_eq!(
+            reload_part(None, Some(&failed)).as_deref(),
+            Some("last reload failed (generation 4): invalid config: /x.toml:3:1: bad; really"),
+            "a reason with '; ' in it is kept whole"
+        );
+        assert_eq!(
+            reload_part(None, Some(&outcome(true, ""))).as_deref(),
+            Some("last reload ok (generation 4)")
+        );
+        assert_eq!(
+            reload_part(Some(5), Some(&failed)).as_deref(),
+            Some("reloading (generation 5)"),
+            "a reload starting is what counts"
+        );
+        assert_eq!(reload_part(None, None), None);
     }
 }
