@@ -1,79 +1,101 @@
-//! The `[metrics]` endpoint: scraped with curl, parsed with Prometheus'
-//! own text parser (Python `prometheus_client`), values checked against
+//! The `[metrics]` endpoint: scraped over HTTP/1.0 from the test, parsed
+//! with a Prometheus text-format parser (the `prometheus-parse` crate) and
+//! checked line by line for the format's shape, values checked against
 //! what the test did: connections, spawns and exits by cause, reloads,
 //! generation; the metrics process is replaced when it dies and on reload.
 //!
-//! Needs `curl` and `python3` with `prometheus_client` (CI installs them).
+//! Needs nothing installed: the client and the parser are the test's own.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
 const CONTROL: &str = "[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
 
-/// Prints every sample as one JSON array `[name, {labels}, value]`, and
-/// each family's type as `[name, {"__type__": TYPE}, 0]`.
-const PARSER: &str = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    out.append([fam.name, {"__type__": fam.type}, 0])
-    for s in fam.samples:
-        out.append([s.name, s.labels, s.value])
-print(json.dumps(out))
-"#;
-
-/// `(name, sorted labels)` → value.
+/// `(name, sorted labels)` → value; each family's type as
+/// `(family, "__type__=TYPE")` → 0, its family name without `_total` for
+/// counters (as Prometheus' own parsers name families).
 type Samples = BTreeMap<(String, String), f64>;
 
-/// GET `url` with curl: (HTTP status, body).
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl (CI installs it)");
-    assert!(out.status.success(), "curl {url}: {}", show(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_string())
+/// `METHOD url` over HTTP/1.0: (HTTP status, headers, body).
+fn http(method: &str, url: &str) -> (u16, String, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut s = connect(hostport.parse().unwrap())
+        .unwrap_or_else(|e| panic!("connect {hostport}: {e}"));
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    let reply = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {url}: no header end in {reply:?}"));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {url}: bad status line in {head:?}"));
+    (code, head.to_string(), body.to_string())
 }
 
-/// Parses exposition text with prometheus_client.
+/// GET `url`: (HTTP status, body).
+fn get_url(url: &str) -> (u16, String) {
+    let (code, _, body) = http("GET", url);
+    (code, body)
+}
+
+/// Checks the text format's shape (every sample's family has HELP and
+/// TYPE before it; `name{labels} value` lines), then parses it.
 fn parse(text: &str) -> Samples {
-    let mut child = Command::new("python3")
-        .args(["-c", PARSER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python3 (CI installs it, with prometheus_client)");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "prometheus_client cannot parse the metrics (pip install prometheus_client?): {}\n{text}",
-        show(&out)
-    );
-    let rows: Vec<(String, BTreeMap<String, String>, f64)> =
-        serde_json::from_slice(&out.stdout).unwrap();
-    rows.into_iter()
-        .map(|(name, labels, value)| {
-            let labels = labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            ((name, labels), value)
-        })
-        .collect()
+    let mut typed: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.push(rest.split_whitespace().next().unwrap().to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut w = rest.split_whitespace();
+            let (name, kind) = (w.next().unwrap(), w.next().unwrap());
+            assert!(
+                ["counter", "gauge"].contains(&kind),
+                "unexpected type in {line:?}"
+            );
+            typed.insert(name.to_string(), kind.to_string());
+        } else {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            let name = &line[..name_end];
+            assert!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad metric name in {line:?}"
+            );
+            assert!(typed.contains_key(name), "{name}: a sample before its # TYPE");
+            assert!(helped.iter().any(|h| h == name), "{name}: no # HELP");
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+        }
+    }
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines)
+        .unwrap_or_else(|e| panic!("the metrics do not parse: {e}\n{text}"));
+    let mut out = Samples::new();
+    for s in scrape.samples {
+        let (kind, value) = match s.value {
+            prometheus_parse::Value::Counter(v) => ("counter", v),
+            prometheus_parse::Value::Gauge(v) => ("gauge", v),
+            other => panic!("{}: unexpected value {other:?}", s.metric),
+        };
+        let family = match kind {
+            "counter" => s.metric.strip_suffix("_total").unwrap_or(&s.metric),
+            _ => &s.metric,
+        };
+        out.insert((family.to_string(), format!("__type__={kind}")), 0.0);
+        let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        out.insert((s.metric.clone(), labels.join(",")), value);
+    }
+    out
 }
 
 /// The address the metrics endpoint bound, from the log.
@@ -84,7 +106,7 @@ fn metrics_url(d: &Daemon) -> String {
 }
 
 fn scrape(url: &str) -> Samples {
-    let (code, body) = curl(&[], url);
+    let (code, body) = get_url(url);
     assert_eq!(code, 200, "{body}");
     parse(&body)
 }
@@ -137,9 +159,11 @@ fn metrics_match_what_happened() {
     for i in 0..N {
         echo_once(addr, format!("hello {i}\n").as_bytes()).unwrap();
     }
-    // Counted when the worker has closed the connection.
-    let s = wait_scrape(&d, &url, "N connections", |s| {
+    // Counted when the worker has closed the connection; the worker's
+    // `active` count drops a moment apart from that, so wait for both.
+    let s = wait_scrape(&d, &url, "N connections, both workers idle", |s| {
         get(s, "preforkd_connections_accepted_total", "service=echo") >= N as f64
+            && get(s, "preforkd_workers", "service=echo,state=idle") == 2.0
     });
     assert_eq!(
         get(&s, "preforkd_connections_accepted_total", "service=echo"),
@@ -261,9 +285,9 @@ fn metrics_match_what_happened() {
 
     // Other paths and methods.
     let root = url.trim_end_matches("/metrics");
-    assert_eq!(curl(&[], &format!("{root}/nope")).0, 404);
-    assert_eq!(curl(&["-X", "POST"], &url).0, 405);
-    assert_eq!(curl(&[], &format!("{url}?x=1")).0, 200);
+    assert_eq!(get_url(&format!("{root}/nope")).0, 404);
+    assert_eq!(http("POST", &url).0, 405);
+    assert_eq!(get_url(&format!("{url}?x=1")).0, 200);
 
     // The metrics process dies: another one serves the same counters.
     let old = metrics_pid(&d);
@@ -296,7 +320,7 @@ fn a_garbage_request_gets_400_and_the_endpoint_keeps_serving() {
     assert!(reply.contains("Connection: close"), "{reply}");
     // An idle client does not stop the endpoint for ever (read timeout).
     let idle = connect(hostport.parse().unwrap()).unwrap();
-    let (code, _) = curl(&[], &url);
+    let (code, _) = get_url(&url);
     assert_eq!(code, 200);
     drop(idle);
 }
