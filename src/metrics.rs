@@ -67,7 +67,7 @@ pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
         return code::SETUP_ERROR;
     }
     if let Some(creds) = spec.credentials
-        && let Err(reason) = sys::drop_privileges(creds)
+        && let Err(reason) = sys::drop_privileges(&creds.user, creds.uid, creds.gid, &creds.groups)
     {
         log::error!("metrics: {reason}");
         return code::SETUP_ERROR;

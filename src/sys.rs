@@ -392,16 +392,19 @@ pub fn remove_env(names: &[&str]) -> io::Result<()> {
 // Privileges.
 
 /// Drops this process (a freshly forked worker, still single-threaded) to
-/// `creds`: the supplementary groups first, then the gid, then the uid (the
-/// only order that works: each step needs the privilege the next one
-/// removes). Then checks the result, and that root cannot be regained.
-/// Returns the reason on failure, for the worker's `error:` message.
-pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String> {
+/// `uid`, `gid` and the supplementary `groups`: the groups first, then the
+/// gid, then the uid (the only order that works: each step needs the
+/// privilege the next one removes). Then checks the result, and that root
+/// cannot be regained. `user` only names the user in messages. Returns the
+/// reason on failure, for the worker's `error:` message.
+pub fn drop_privileges(
+    user: &str,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: &[nix::unistd::Gid],
+) -> Result<(), String> {
     use nix::unistd::{Gid, Uid};
-    let who = format!(
-        "user {:?} (uid {}, gid {})",
-        creds.user, creds.uid, creds.gid
-    );
+    let who = format!("user {user:?} (uid {uid}, gid {gid})");
     let fail = |step: &str, e: nix::errno::Errno| {
         let hint = if e == nix::errno::Errno::EPERM && !Uid::effective().is_root() {
             " (the master must run as root to change users)"
@@ -410,28 +413,28 @@ pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String>
         };
         format!("cannot drop privileges to {who}: {step} failed: {e}{hint}")
     };
-    nix::unistd::setgroups(&creds.groups).map_err(|e| fail("setgroups", e))?;
-    nix::unistd::setgid(creds.gid).map_err(|e| fail("setgid", e))?;
-    nix::unistd::setuid(creds.uid).map_err(|e| fail("setuid", e))?;
+    nix::unistd::setgroups(groups).map_err(|e| fail("setgroups", e))?;
+    nix::unistd::setgid(gid).map_err(|e| fail("setgid", e))?;
+    nix::unistd::setuid(uid).map_err(|e| fail("setuid", e))?;
     let ids = (
         Uid::current(),
         Uid::effective(),
         Gid::current(),
         Gid::effective(),
     );
-    if ids != (creds.uid, creds.uid, creds.gid, creds.gid) {
+    if ids != (uid, uid, gid, gid) {
         return Err(format!(
             "dropped privileges to {who}, but runs as uid {}/{} gid {}/{}",
             ids.0, ids.1, ids.2, ids.3
         ));
     }
-    if !creds.uid.is_root() {
+    if !uid.is_root() {
         if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
             return Err(format!(
                 "dropped privileges to {who}, but setuid(0) still succeeds"
             ));
         }
-        if creds.gid.as_raw() != 0 && nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
+        if gid.as_raw() != 0 && nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
             return Err(format!(
                 "dropped privileges to {who}, but setgid(0) still succeeds"
             ));

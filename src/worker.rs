@@ -77,7 +77,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     // Before the parent-death signal is set: changing credentials clears it.
     // Before the plugin: it must never run with the master's privileges.
     if let Some(creds) = spec.credentials
-        && let Err(reason) = sys::drop_privileges(creds)
+        && let Err(reason) = sys::drop_privileges(&creds.user, creds.uid, creds.gid, &creds.groups)
     {
         return boot_failed(spec.ready, &reason);
     }
