@@ -1144,17 +1144,13 @@ impl Master {
 
     fn on_signal(&mut self, event: Event, count: usize) {
         match event {
-            Event::Child => {} // reaped on every wake-up anyway
-            Event::Interrupt | Event::Quit => {
-                let name = if event == Event::Quit {
-                    "SIGQUIT"
-                } else {
-                    "SIGINT"
-                };
+            Event::Reap => {} // reaped on every wake-up anyway
+            Event::FastStop(signal) => {
+                let name = signal.as_str();
                 log::info!("{name}: fast stop");
                 self.begin_stop(true);
             }
-            Event::Terminate => match self.phase {
+            Event::GracefulStop => match self.phase {
                 Phase::Stopping { .. } => log::info!("SIGTERM: already stopping"),
                 Phase::Retiring { successor } => {
                     log::info!("SIGTERM: already retiring (master pid {successor} took over)")
@@ -1164,17 +1160,17 @@ impl Master {
                     self.begin_stop(false);
                 }
             },
-            Event::Hangup => self.request_reload(None, "SIGHUP"),
-            Event::User1 => self.reopen_logs(),
-            Event::User2 => self.request_upgrade(None, "SIGUSR2"),
-            Event::TtyIn | Event::TtyOut => {
+            Event::Reload => self.request_reload(None, "SIGHUP"),
+            Event::Reopen => self.reopen_logs(),
+            Event::Upgrade => self.request_upgrade(None, "SIGUSR2"),
+            Event::MoreWorkers | Event::FewerWorkers => {
                 if self.phase != Phase::Running && self.phase != Phase::Starting {
                     return;
                 }
                 for _ in 0..count {
                     for p in 0..self.pools.len() {
                         let n = self.pools[p].size();
-                        let name = if event == Event::TtyIn {
+                        let name = if event == Event::MoreWorkers {
                             "SIGTTIN"
                         } else {
                             "SIGTTOU"
@@ -1185,18 +1181,22 @@ impl Master {
                                 "{name}: service {} has pool = \"{kind}\", whose size follows the load; left alone",
                                 self.pools[p].name()
                             );
-                        } else if event == Event::TtyIn && n >= MAX_WORKERS {
+                        } else if event == Event::MoreWorkers && n >= MAX_WORKERS {
                             log::warn!(
                                 "{name}: service {} is at {MAX_WORKERS} workers already",
                                 self.pools[p].name()
                             );
-                        } else if event == Event::TtyOut && n <= 1 {
+                        } else if event == Event::FewerWorkers && n <= 1 {
                             log::warn!(
                                 "{name}: service {} keeps its last worker",
                                 self.pools[p].name()
                             );
                         } else {
-                            let n = if event == Event::TtyIn { n + 1 } else { n - 1 };
+                            let n = if event == Event::MoreWorkers {
+                                n + 1
+                            } else {
+                                n - 1
+                            };
                             self.resize(p, n);
                             log::info!(
                                 "{name}: service {} now has {n} workers",

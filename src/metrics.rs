@@ -55,7 +55,7 @@ pub(crate) struct MetricsSpec<'a> {
 
 /// Runs the metrics child to its end; returns the process exit code.
 pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
-    if let Err(e) = sys::install_worker_signals() {
+    if let Err(e) = crate::signals::install_worker() {
         log::error!("metrics: cannot set up signals: {e}");
         return code::SETUP_ERROR;
     }

@@ -30,10 +30,11 @@ pub enum Forked {
 /// [`assert_single_threaded`] at start), so the child is a consistent copy:
 /// no lock can be held by a thread that does not exist in the child.
 ///
-/// Every signal is blocked across the fork, so that a signal meant for the
-/// new worker (SIGTERM right after it was spawned) waits until the worker
-/// has installed its own handlers ([`install_worker_signals`] unblocks),
-/// instead of running the master's handler in the child and being lost.
+/// Every signal is blocked across the fork, and stays blocked in the child,
+/// so that a signal meant for the new worker (SIGTERM right after it was
+/// spawned) waits until the worker has installed its own handlers (and
+/// called [`unblock_signals`]), instead of running the master's handler in
+/// the child and being lost.
 pub fn fork() -> io::Result<Forked> {
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(
@@ -84,21 +85,11 @@ pub fn count_signal(sig: libc::c_int, counter: &'static AtomicUsize) -> io::Resu
 
 /// Set by SIGTERM (and by the worker itself after `max_requests`).
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-/// Write end of the worker's wake pipe; -1 until [`install_worker_signals`].
+/// Write end of the worker's wake pipe; -1 until [`init_shutdown_pipe`].
 static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
 /// Read end of the wake pipe: readable forever once shutdown is requested,
 /// so every thread polling it sees the request. Never drained.
 static WAKE_READ: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_terminate(_: libc::c_int) {
-    request_shutdown();
-}
-
-extern "C" fn on_fast_stop(_: libc::c_int) {
-    // SAFETY: _exit is async-signal-safe; a fast stop means "exit now",
-    // without unwinding or flushing anything.
-    unsafe { libc::_exit(0) }
-}
 
 /// Ends the process at once, from any thread, without unwinding, running
 /// destructors or flushing: for a worker that must not linger.
@@ -114,7 +105,7 @@ pub fn request_shutdown() {
     let fd = WAKE_WRITE.load(Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: `fd` is the wake pipe's write end, created in
-        // install_worker_signals and never closed while the worker runs. A
+        // init_shutdown_pipe and never closed while the worker runs. A
         // full pipe (EAGAIN) is fine: it is already readable.
         unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
     }
@@ -128,50 +119,60 @@ pub fn shutdown_requested() -> bool {
 /// The wake pipe's read end: readable once shutdown is requested.
 pub fn shutdown_fd() -> BorrowedFd<'static> {
     let fd = WAKE_READ.load(Ordering::SeqCst);
-    assert!(fd >= 0, "shutdown_fd() before install_worker_signals()");
+    assert!(fd >= 0, "shutdown_fd() before init_shutdown_pipe()");
     // SAFETY: the wake pipe is created once per worker process and never
     // closed until the process exits, so the fd outlives every borrow.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// In a freshly forked worker: replaces the master's signal handling with
-/// the worker's, and unblocks every signal.
-///
-/// SIGTERM requests a graceful stop; SIGINT and SIGQUIT exit at once; the
-/// master-only signals (HUP, USR1, USR2, TTIN, TTOU) are ignored so that a
-/// signal sent to the whole process group does not kill workers; SIGPIPE
-/// stays ignored (a client that goes away is an error return, not death);
-/// SIGCHLD gets its default.
-pub fn install_worker_signals() -> io::Result<()> {
+/// In a freshly forked worker, before its signal handlers: creates the
+/// wake pipe that [`request_shutdown`] writes and [`shutdown_fd`] returns.
+pub fn init_shutdown_pipe() -> io::Result<()> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     WAKE_READ.store(into_raw(r), Ordering::SeqCst);
     WAKE_WRITE.store(into_raw(w), Ordering::SeqCst);
+    Ok(())
+}
 
-    let handler = |h| SigAction::new(h, nix::sys::signal::SaFlags::empty(), SigSet::empty());
-    let set = |sig, action: &SigAction| -> io::Result<()> {
-        // SAFETY: the handlers installed here only touch atomics, write(2) and
-        // _exit(2), all async-signal-safe; SIG_DFL and SIG_IGN are always sound.
-        unsafe { sigaction(sig, action) }
-            .map(drop)
-            .map_err(io::Error::from)
+/// What a process does when a signal arrives (a raw sigaction, no
+/// signal-hook registry: in a worker it replaces the master's handlers,
+/// whose self-pipe the worker does not have).
+#[derive(Debug, Clone, Copy)]
+pub enum Disposition {
+    /// Run this function, in whatever thread the signal interrupts.
+    Handle(extern "C" fn(libc::c_int)),
+    /// SIG_IGN.
+    Ignore,
+    /// SIG_DFL.
+    Default,
+}
+
+/// Sets what this process does on `sig`, with no flags and an empty mask.
+///
+/// # Safety
+///
+/// With [`Disposition::Handle`], the function must be async-signal-safe
+/// (signal-safety(7)): it may interrupt any instruction of any thread,
+/// including one inside malloc or holding a lock, so it may only touch
+/// atomics and make async-signal-safe calls. `Ignore` and `Default` are
+/// always sound.
+pub unsafe fn set_disposition(sig: Signal, action: Disposition) -> io::Result<()> {
+    let handler = match action {
+        Disposition::Handle(f) => SigHandler::Handler(f),
+        Disposition::Ignore => SigHandler::SigIgn,
+        Disposition::Default => SigHandler::SigDfl,
     };
-    set(Signal::SIGTERM, &handler(SigHandler::Handler(on_terminate)))?;
-    set(Signal::SIGINT, &handler(SigHandler::Handler(on_fast_stop)))?;
-    set(Signal::SIGQUIT, &handler(SigHandler::Handler(on_fast_stop)))?;
-    set(
-        Signal::SIGUSR1,
-        &handler(SigHandler::Handler(on_reopen_logs)),
-    )?;
-    for sig in [
-        Signal::SIGHUP,
-        Signal::SIGUSR2,
-        Signal::SIGTTIN,
-        Signal::SIGTTOU,
-        Signal::SIGPIPE,
-    ] {
-        set(sig, &handler(SigHandler::SigIgn))?;
-    }
-    set(Signal::SIGCHLD, &handler(SigHandler::SigDfl))?;
+    let action = SigAction::new(handler, nix::sys::signal::SaFlags::empty(), SigSet::empty());
+    // SAFETY: a handler is async-signal-safe by this function's contract;
+    // SIG_DFL and SIG_IGN are always sound.
+    unsafe { sigaction(sig, &action) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Unblocks every signal in the calling thread: the end of a worker's
+/// signal set-up, since [`fork`] left them all blocked.
+pub fn unblock_signals() -> io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     Ok(())
 }
@@ -307,10 +308,6 @@ pub fn set_title(title: &str) {
         area[..n].copy_from_slice(&bytes[..n]);
         area[n..].fill(0);
     }
-}
-
-extern "C" fn on_reopen_logs(_: libc::c_int) {
-    crate::log::request_reopen();
 }
 
 /// A zeroed array of `n` atomics in memory shared with every process forked
@@ -523,6 +520,9 @@ pub struct ProgramSpawn {
     pub cwd: Option<std::ffi::CString>,
     /// Descriptors that become the program's 0, 1 and 2.
     pub stdio: [RawFd; 3],
+    /// Signals the program gets back at their default: those the worker
+    /// handles or ignores (execve resets handled ones, not ignored ones).
+    pub default_signals: &'static [libc::c_int],
 }
 
 struct SpawnArgs<'a> {
@@ -532,21 +532,6 @@ struct SpawnArgs<'a> {
     /// errno of the step that failed in the child, 0 if execve succeeded.
     err: i32,
 }
-
-/// Signals the worker handles or ignores, which a program gets back at their
-/// default (execve resets handled ones, not ignored ones).
-const PROGRAM_DEFAULT_SIGNALS: [libc::c_int; 10] = [
-    libc::SIGHUP,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGTERM,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGTTIN,
-    libc::SIGTTOU,
-    libc::SIGPIPE,
-    libc::SIGCHLD,
-];
 
 extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the SpawnArgs the parent passed to clone(2); with
@@ -573,7 +558,7 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
         // Dispositions are this child's own (no CLONE_SIGHAND).
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in PROGRAM_DEFAULT_SIGNALS {
+        for &sig in a.spec.default_signals {
             libc::sigaction(sig, &dfl, std::ptr::null_mut());
         }
         for (target, &fd) in a.spec.stdio.iter().enumerate() {
@@ -604,7 +589,7 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
 /// multi-threaded worker per connection would cost), with what posix_spawn
 /// cannot do: PR_SET_PDEATHSIG(SIGKILL), so the program dies with its
 /// worker. It also leads its own process group, starts with an empty signal
-/// mask and the worker's signals at their default, and gets `stdio` as its
+/// mask and `spec.default_signals` at their default, and gets `stdio` as its
 /// 0, 1, 2 (all other descriptors of the worker are close-on-exec).
 /// Returns its pid once it has called execve.
 pub fn spawn_program(spec: &ProgramSpawn) -> io::Result<u32> {

@@ -57,7 +57,7 @@ pub(crate) struct WorkerSpec<'a> {
 /// Runs the worker to its end; returns the process exit code.
 pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     let name = format!("{}#{}", spec.service.name.get_ref(), spec.slot);
-    if let Err(e) = sys::install_worker_signals() {
+    if let Err(e) = crate::signals::install_worker() {
         log::error!("worker {name}: cannot set up signals: {e}");
         return code::SETUP_ERROR;
     }

@@ -244,6 +244,7 @@ impl Exec {
                 None => None,
             },
             stdio,
+            default_signals: &crate::signals::EXEC_DEFAULT,
         };
         sys::spawn_program(&spec).map_err(|e| {
             io::Error::new(
