@@ -2,7 +2,7 @@
 //! TCP or Unix stream socket behind [`Connection`], whose reads and writes
 //! stop at request boundaries when the worker is asked to stop.
 //!
-//! Every socket of a worker is blocking with [`TICK`] timeouts
+//! Every socket of a worker is blocking with [`IO_TICK`] timeouts
 //! (SO_RCVTIMEO / SO_SNDTIMEO): a blocked read or write wakes up once per
 //! tick to look at the shutdown flag, and the same ticks count the
 //! service's `idle_timeout`, so neither costs a clock read nor a second
@@ -54,21 +54,25 @@ pub(crate) enum Stream {
     Unix(UnixStream),
 }
 
-/// How often a blocked read or write on a connection wakes up to look at
-/// the shutdown flag (the socket's SO_RCVTIMEO / SO_SNDTIMEO). The thread
-/// that receives SIGTERM is interrupted at once (EINTR); the others notice
-/// within one tick. A blocking read costs one syscall per request, where
-/// poll-then-read costs two.
-pub const TICK: Duration = Duration::from_millis(200);
+/// The I/O tick of a worker's sockets: how often a blocked read or write
+/// on a connection wakes up to look at the shutdown flag (the socket's
+/// SO_RCVTIMEO / SO_SNDTIMEO, set on TCP listeners by
+/// [`crate::listener::WorkerSocket::prepare_for_connections`] and on Unix
+/// connections when accepted), and the unit `idle_timeout` is counted in.
+/// The thread that receives SIGTERM is interrupted at once (EINTR); the
+/// others notice within one tick. A blocking read costs one syscall per
+/// request, where poll-then-read costs two. Not the master's maintenance
+/// period, which is a separate constant of the master.
+pub const IO_TICK: Duration = Duration::from_millis(200);
 
 impl Stream {
-    /// Makes the socket blocking with [`TICK`] timeouts. TCP connections
+    /// Makes the socket blocking with [`IO_TICK`] timeouts. TCP connections
     /// inherit these from their listener (set in the worker), Unix ones do not.
     pub(crate) fn prepare(&self) -> io::Result<()> {
         let s = socket2::SockRef::from(self);
         if let Stream::Unix(_) = self {
-            s.set_read_timeout(Some(TICK))?;
-            s.set_write_timeout(Some(TICK))?;
+            s.set_read_timeout(Some(IO_TICK))?;
+            s.set_write_timeout(Some(IO_TICK))?;
         }
         Ok(())
     }
@@ -164,7 +168,7 @@ pub struct Connection<'a> {
     /// Bytes read from and written to the client, for the scoreboard.
     bytes_in: u64,
     bytes_out: u64,
-    /// `idle_timeout` in [`TICK`]s (rounded up); 0: none.
+    /// `idle_timeout` in [`IO_TICK`]s (rounded up); 0: none.
     idle_ticks: u32,
     /// The client sent nothing for `idle_timeout` while the handler waited.
     idle_expired: bool,
@@ -189,10 +193,10 @@ impl<'a> Connection<'a> {
     }
 
     /// Closes the connection when a read waits `timeout` (rounded up to
-    /// [`TICK`]s) without input; zero: never. The waits are counted in the
+    /// [`IO_TICK`]s) without input; zero: never. The waits are counted in the
     /// read timeouts the socket already has, so this costs no clock read.
     pub(crate) fn set_idle_timeout(&mut self, timeout: Duration) {
-        let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos());
+        let ticks = timeout.as_nanos().div_ceil(IO_TICK.as_nanos());
         self.idle_ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
     }
 
@@ -206,7 +210,7 @@ impl<'a> Connection<'a> {
         self.idle_expired
     }
 
-    /// One more [`TICK`] without input; the error that ends the read once
+    /// One more [`IO_TICK`] without input; the error that ends the read once
     /// they add up to `idle_timeout`.
     fn idle_tick(&mut self, waited: &mut u32) -> Option<io::Error> {
         *waited += 1;
@@ -218,7 +222,7 @@ impl<'a> Connection<'a> {
             io::ErrorKind::TimedOut,
             format!(
                 "no input for {} (idle_timeout)",
-                humantime::format_duration(TICK * self.idle_ticks)
+                humantime::format_duration(IO_TICK * self.idle_ticks)
             ),
         ))
     }
@@ -307,7 +311,7 @@ impl<'a> Connection<'a> {
     /// not take `Shutdown` in the middle of a request for a boundary: read
     /// those pieces with [`std::io::Read`] (which waits for input whatever
     /// the stop) and ask [`Connection::shutting_down`] between requests. A connection that has not
-    /// sent anything yet gets one [`TICK`] to send its first request, so a
+    /// sent anything yet gets one [`IO_TICK`] to send its first request, so a
     /// client accepted just before the stop is served once. The worker then
     /// sends FIN and drains whatever the client sends after it: a client
     /// that reconnects lands on a worker that is not stopping.
@@ -598,7 +602,7 @@ mod tests {
     #[test]
     fn idle_timeout_is_counted_in_whole_ticks() {
         let (mut conn, _client) = pair();
-        conn.set_idle_timeout(TICK + Duration::from_millis(1));
+        conn.set_idle_timeout(IO_TICK + Duration::from_millis(1));
         assert_eq!(conn.idle_ticks, 2, "rounded up");
         conn.set_idle_timeout(Duration::ZERO);
         assert_eq!(conn.idle_ticks, 0, "none");
@@ -607,7 +611,7 @@ mod tests {
     #[test]
     fn idle_timeout_ends_a_read_without_input() {
         let (mut conn, _client) = pair();
-        conn.set_idle_timeout(TICK);
+        conn.set_idle_timeout(IO_TICK);
         let mut buf = [0u8; 16];
         let e = conn.read(&mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);

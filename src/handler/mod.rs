@@ -8,7 +8,7 @@
 //! master.
 //!
 //! The connection a stream handler is given, with its reads and writes that
-//! wake every [`TICK`] to look at the shutdown flag, is in `connection.rs`
+//! wake every [`IO_TICK`] to look at the shutdown flag, is in `connection.rs`
 //! (re-exported here: [`Connection`], [`Recv`], [`Sent`], [`Addr`]). The
 //! built-in plugins, one file each, are `echo`, `discard`, `daytime` and
 //! `chargen` (the classic inetd services), `exec` (a program per connection
@@ -32,7 +32,7 @@ mod echo;
 mod exec;
 
 pub(crate) use connection::Stream;
-pub use connection::{Addr, Connection, Recv, Sent, TICK};
+pub use connection::{Addr, Connection, IO_TICK, Recv, Sent};
 
 /// Handles one stream connection (socketserver's `StreamRequestHandler`):
 /// a worker thread calls it once per accepted connection.
