@@ -1,11 +1,27 @@
-//! The few operating-system operations that need `unsafe`: fork, raw signal
-//! dispositions for workers, the worker's shutdown flag, closing inherited
-//! descriptors, and the process title.
+//! The operating-system operations that need `unsafe`, each behind a safe
+//! function (or, for one, an `unsafe fn` with its contract): fork, raw
+//! signal dispositions, the worker's shutdown flag, closing inherited
+//! descriptors, the process title, shared memory, privileges, and spawning
+//! a program with raw system calls.
 //!
-//! Everything unsafe in preforkd lives here, each block with a `SAFETY:` note.
-//! State owned here: the worker's shutdown flag and its wake pipe (process
-//! globals, because a signal handler must reach them), and the memory region
-//! of the process title.
+//! A leaf: it imports nothing from the rest of preforkd. What to do is
+//! decided elsewhere and passed in as data (which signals a worker handles
+//! and how, in [`crate::signals`]; the credentials to drop to; the signals
+//! a program gets back at their default).
+//!
+//! Every `unsafe` block of preforkd is here, each with a `SAFETY:` note,
+//! except in two places where the promise can only be made by the caller:
+//!
+//! - `src/signals.rs`: one block, installing the worker's signal handlers
+//!   through [`set_disposition`], vouching that the handlers it defines
+//!   there are async-signal-safe (they reach the log module's reopen flag,
+//!   which sys must not import);
+//! - `src/handler/dylib.rs`: calls into a plugin's shared library through
+//!   its C ABI, which no wrapper here could make safe.
+//!
+//! Owns: the worker's shutdown flag and its wake pipe (process globals,
+//! because a signal handler must reach them), and the memory region of the
+//! process title.
 
 use std::ffi::CString;
 use std::io;
