@@ -528,7 +528,7 @@ pub fn kill_group(pgid: u32, sig: Signal) {
 pub struct ProgramSpawn {
     /// The program's path.
     pub path: std::ffi::CString,
-    /// argv, argv[0] first.
+    /// argv, `argv[0]` first.
     pub argv: Vec<std::ffi::CString>,
     /// The whole environment, `NAME=value`.
     pub envp: Vec<std::ffi::CString>,
