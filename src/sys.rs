@@ -109,6 +109,7 @@ static WAKE_READ: AtomicI32 = AtomicI32::new(-1);
 
 /// Ends the process at once, from any thread, without unwinding, running
 /// destructors or flushing: for a worker that must not linger.
+/// Async-signal-safe (_exit(2)): a worker's fast-stop handler calls it.
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit(2) ends the process; nothing runs after it.
     unsafe { libc::_exit(code) }
