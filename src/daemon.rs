@@ -26,7 +26,7 @@ static DAEMON: AtomicBool = AtomicBool::new(false);
 /// The daemon's pid file, removed if it fails to start.
 static PID_FILE: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
-/// Which side of [`daemonize`] returned.
+/// Which side of [`daemonize()`] returned.
 pub enum Side {
     /// The launching process: exit with this code.
     Launcher(i32),

@@ -29,17 +29,20 @@
 //! - [`systemd`]: sd_notify messages, socket activation (`LISTEN_FDS`).
 //! - [`worker`]: what a forked worker runs: accept, verify, handle.
 //! - [`acl`]: a service's `allow` and `deny` lists.
-//! - [`handler`]: the handler traits, the connection type, the plugin
-//!   registry and the plugins (echo, discard, daytime, chargen, exec,
-//!   dylib).
+//! - [`handler`]: the plugin API (handler traits, `Handlers`, `PluginInfo`,
+//!   `PluginContext`, the `Registry`) and the built-in plugins (echo,
+//!   discard, daytime, chargen, exec, dylib); `handler/connection.rs` is the
+//!   connection a stream handler is given, reads and writes on an `IO_TICK`.
 //! - [`scoreboard`]: the workers' shared-memory slots.
 //! - [`stats`]: the master's counters, shared with the metrics process.
 //! - [`metrics`]: the `[metrics]` process, Prometheus text over HTTP.
-//! - [`signals`]: every signal in one table: the master's self-pipe, the
-//!   workers' handlers, what exec'd programs get reset.
+//! - [`signals`]: the one signal table (each signal's intent, what the
+//!   master does, what a worker does), the master's self-pipe, the workers'
+//!   handlers, and what a program run by `exec` gets back at its default.
 //! - [`exit`]: the exit codes, and a child's wait status classified.
 //! - [`log`]: the logger: stderr, journald, a file or syslog; reopening.
-//! - [`sys`]: the `unsafe` operating-system calls, each with its `SAFETY:`.
+//! - [`sys`]: the `unsafe` operating-system wrappers, each with its
+//!   `SAFETY:`; a leaf that imports nothing from the crate.
 //!
 //! # Embedding
 //!

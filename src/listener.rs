@@ -560,14 +560,14 @@ impl WorkerSocket {
     /// Sets what accepted TCP connections inherit from their listener:
     /// TCP_NODELAY (answers go out at once) and the read and write timeouts
     /// that let a blocked connection notice shutdown (see
-    /// [`crate::handler::TICK`]). Unix connections inherit nothing and get
+    /// [`crate::handler::IO_TICK`]). Unix connections inherit nothing and get
     /// their timeouts when accepted. Idempotent, so every worker may do it.
     pub fn prepare_for_connections(&self) -> io::Result<()> {
         if let WorkerSocket::Tcp(l) = self {
             let s = socket2::SockRef::from(l);
             s.set_tcp_nodelay(true)?;
-            s.set_read_timeout(Some(crate::handler::TICK))?;
-            s.set_write_timeout(Some(crate::handler::TICK))?;
+            s.set_read_timeout(Some(crate::handler::IO_TICK))?;
+            s.set_write_timeout(Some(crate::handler::IO_TICK))?;
         }
         Ok(())
     }

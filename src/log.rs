@@ -96,9 +96,6 @@ impl log::Log for Logger {
             return;
         }
         let message = record.args().to_string();
-        if record.level() == log::Level::Error {
-            *LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
-        }
         let mut sink = lock();
         if REOPEN.swap(false, Ordering::SeqCst) {
             reopen_locked(&mut sink);
@@ -129,15 +126,6 @@ impl log::Log for Logger {
 }
 
 static LOGGER: Logger = Logger;
-
-/// The last error logged: what a daemon that fails to start tells its
-/// launcher (its own standard error goes to /dev/null).
-static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
-
-/// The last message logged at error level, if any.
-pub fn last_error() -> Option<String> {
-    LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
 
 fn lock() -> MutexGuard<'static, Option<Sink>> {
     // A panic while formatting a record must not silence the process.

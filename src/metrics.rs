@@ -55,7 +55,7 @@ pub(crate) struct MetricsSpec<'a> {
 
 /// Runs the metrics child to its end; returns the process exit code.
 pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
-    if let Err(e) = sys::install_worker_signals() {
+    if let Err(e) = crate::signals::install_worker() {
         log::error!("metrics: cannot set up signals: {e}");
         return code::SETUP_ERROR;
     }
@@ -67,7 +67,7 @@ pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
         return code::SETUP_ERROR;
     }
     if let Some(creds) = spec.credentials
-        && let Err(reason) = sys::drop_privileges(creds)
+        && let Err(reason) = sys::drop_privileges(&creds.user, creds.uid, creds.gid, &creds.groups)
     {
         log::error!("metrics: {reason}");
         return code::SETUP_ERROR;

@@ -6,10 +6,10 @@
 //! connections of one client address (`max_connections_per_ip`). Nothing
 //! touches the disk.
 //!
-//! Layout (all `AtomicU64` words): a header ([`H_HIGH`]: one past the
+//! Layout (all `AtomicU64` words): a header (`H_HIGH`: one past the
 //! highest slot ever claimed, so that scans stay short), [`CAPACITY`] slots
-//! of [`WORDS`] words (see the `W_*` offsets), then a region of connection
-//! entries of [`ENTRY_WORDS`] words. Each worker is given, when its slot is
+//! of `WORDS` words (see the `W_*` offsets), then a region of connection
+//! entries of `ENTRY_WORDS` words. Each worker is given, when its slot is
 //! claimed, a contiguous range of entries, one per accept thread: the
 //! connection that thread is serving (its start, on the coarse monotonic
 //! clock, and its peer). The master hands ranges out first-fit from a free

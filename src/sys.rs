@@ -1,11 +1,27 @@
-//! The few operating-system operations that need `unsafe`: fork, raw signal
-//! dispositions for workers, the worker's shutdown flag, closing inherited
-//! descriptors, and the process title.
+//! The operating-system operations that need `unsafe`, each behind a safe
+//! function (or, for one, an `unsafe fn` with its contract): fork, raw
+//! signal dispositions, the worker's shutdown flag, closing inherited
+//! descriptors, the process title, shared memory, privileges, and spawning
+//! a program with raw system calls.
 //!
-//! Everything unsafe in preforkd lives here, each block with a `SAFETY:` note.
-//! State owned here: the worker's shutdown flag and its wake pipe (process
-//! globals, because a signal handler must reach them), and the memory region
-//! of the process title.
+//! A leaf: it imports nothing from the rest of preforkd. What to do is
+//! decided elsewhere and passed in as data (which signals a worker handles
+//! and how, in [`crate::signals`]; the credentials to drop to; the signals
+//! a program gets back at their default).
+//!
+//! Every `unsafe` block of preforkd is here, each with a `SAFETY:` note,
+//! except in two places where the promise can only be made by the caller:
+//!
+//! - `src/signals.rs`: one block, installing the worker's signal handlers
+//!   through [`set_disposition`], vouching that the handlers it defines
+//!   there are async-signal-safe (they reach the log module's reopen flag,
+//!   which sys must not import);
+//! - `src/handler/dylib.rs`: calls into a plugin's shared library through
+//!   its C ABI, which no wrapper here could make safe.
+//!
+//! Owns: the worker's shutdown flag and its wake pipe (process globals,
+//! because a signal handler must reach them), and the memory region of the
+//! process title.
 
 use std::ffi::CString;
 use std::io;
@@ -30,10 +46,11 @@ pub enum Forked {
 /// [`assert_single_threaded`] at start), so the child is a consistent copy:
 /// no lock can be held by a thread that does not exist in the child.
 ///
-/// Every signal is blocked across the fork, so that a signal meant for the
-/// new worker (SIGTERM right after it was spawned) waits until the worker
-/// has installed its own handlers ([`install_worker_signals`] unblocks),
-/// instead of running the master's handler in the child and being lost.
+/// Every signal is blocked across the fork, and stays blocked in the child,
+/// so that a signal meant for the new worker (SIGTERM right after it was
+/// spawned) waits until the worker has installed its own handlers (and
+/// called [`unblock_signals`]), instead of running the master's handler in
+/// the child and being lost.
 pub fn fork() -> io::Result<Forked> {
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(
@@ -84,24 +101,15 @@ pub fn count_signal(sig: libc::c_int, counter: &'static AtomicUsize) -> io::Resu
 
 /// Set by SIGTERM (and by the worker itself after `max_requests`).
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-/// Write end of the worker's wake pipe; -1 until [`install_worker_signals`].
+/// Write end of the worker's wake pipe; -1 until [`init_shutdown_pipe`].
 static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
 /// Read end of the wake pipe: readable forever once shutdown is requested,
 /// so every thread polling it sees the request. Never drained.
 static WAKE_READ: AtomicI32 = AtomicI32::new(-1);
 
-extern "C" fn on_terminate(_: libc::c_int) {
-    request_shutdown();
-}
-
-extern "C" fn on_fast_stop(_: libc::c_int) {
-    // SAFETY: _exit is async-signal-safe; a fast stop means "exit now",
-    // without unwinding or flushing anything.
-    unsafe { libc::_exit(0) }
-}
-
 /// Ends the process at once, from any thread, without unwinding, running
 /// destructors or flushing: for a worker that must not linger.
+/// Async-signal-safe (_exit(2)): a worker's fast-stop handler calls it.
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit(2) ends the process; nothing runs after it.
     unsafe { libc::_exit(code) }
@@ -114,7 +122,7 @@ pub fn request_shutdown() {
     let fd = WAKE_WRITE.load(Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: `fd` is the wake pipe's write end, created in
-        // install_worker_signals and never closed while the worker runs. A
+        // init_shutdown_pipe and never closed while the worker runs. A
         // full pipe (EAGAIN) is fine: it is already readable.
         unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
     }
@@ -128,50 +136,60 @@ pub fn shutdown_requested() -> bool {
 /// The wake pipe's read end: readable once shutdown is requested.
 pub fn shutdown_fd() -> BorrowedFd<'static> {
     let fd = WAKE_READ.load(Ordering::SeqCst);
-    assert!(fd >= 0, "shutdown_fd() before install_worker_signals()");
+    assert!(fd >= 0, "shutdown_fd() before init_shutdown_pipe()");
     // SAFETY: the wake pipe is created once per worker process and never
     // closed until the process exits, so the fd outlives every borrow.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// In a freshly forked worker: replaces the master's signal handling with
-/// the worker's, and unblocks every signal.
-///
-/// SIGTERM requests a graceful stop; SIGINT and SIGQUIT exit at once; the
-/// master-only signals (HUP, USR1, USR2, TTIN, TTOU) are ignored so that a
-/// signal sent to the whole process group does not kill workers; SIGPIPE
-/// stays ignored (a client that goes away is an error return, not death);
-/// SIGCHLD gets its default.
-pub fn install_worker_signals() -> io::Result<()> {
+/// In a freshly forked worker, before its signal handlers: creates the
+/// wake pipe that [`request_shutdown`] writes and [`shutdown_fd`] returns.
+pub fn init_shutdown_pipe() -> io::Result<()> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     WAKE_READ.store(into_raw(r), Ordering::SeqCst);
     WAKE_WRITE.store(into_raw(w), Ordering::SeqCst);
+    Ok(())
+}
 
-    let handler = |h| SigAction::new(h, nix::sys::signal::SaFlags::empty(), SigSet::empty());
-    let set = |sig, action: &SigAction| -> io::Result<()> {
-        // SAFETY: the handlers installed here only touch atomics, write(2) and
-        // _exit(2), all async-signal-safe; SIG_DFL and SIG_IGN are always sound.
-        unsafe { sigaction(sig, action) }
-            .map(drop)
-            .map_err(io::Error::from)
+/// What a process does when a signal arrives (a raw sigaction, no
+/// signal-hook registry: in a worker it replaces the master's handlers,
+/// whose self-pipe the worker does not have).
+#[derive(Debug, Clone, Copy)]
+pub enum Disposition {
+    /// Run this function, in whatever thread the signal interrupts.
+    Handle(extern "C" fn(libc::c_int)),
+    /// SIG_IGN.
+    Ignore,
+    /// SIG_DFL.
+    Default,
+}
+
+/// Sets what this process does on `sig`, with no flags and an empty mask.
+///
+/// # Safety
+///
+/// With [`Disposition::Handle`], the function must be async-signal-safe
+/// (signal-safety(7)): it may interrupt any instruction of any thread,
+/// including one inside malloc or holding a lock, so it may only touch
+/// atomics and make async-signal-safe calls. `Ignore` and `Default` are
+/// always sound.
+pub unsafe fn set_disposition(sig: Signal, action: Disposition) -> io::Result<()> {
+    let handler = match action {
+        Disposition::Handle(f) => SigHandler::Handler(f),
+        Disposition::Ignore => SigHandler::SigIgn,
+        Disposition::Default => SigHandler::SigDfl,
     };
-    set(Signal::SIGTERM, &handler(SigHandler::Handler(on_terminate)))?;
-    set(Signal::SIGINT, &handler(SigHandler::Handler(on_fast_stop)))?;
-    set(Signal::SIGQUIT, &handler(SigHandler::Handler(on_fast_stop)))?;
-    set(
-        Signal::SIGUSR1,
-        &handler(SigHandler::Handler(on_reopen_logs)),
-    )?;
-    for sig in [
-        Signal::SIGHUP,
-        Signal::SIGUSR2,
-        Signal::SIGTTIN,
-        Signal::SIGTTOU,
-        Signal::SIGPIPE,
-    ] {
-        set(sig, &handler(SigHandler::SigIgn))?;
-    }
-    set(Signal::SIGCHLD, &handler(SigHandler::SigDfl))?;
+    let action = SigAction::new(handler, nix::sys::signal::SaFlags::empty(), SigSet::empty());
+    // SAFETY: a handler is async-signal-safe by this function's contract;
+    // SIG_DFL and SIG_IGN are always sound.
+    unsafe { sigaction(sig, &action) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Unblocks every signal in the calling thread: the end of a worker's
+/// signal set-up, since [`fork`] left them all blocked.
+pub fn unblock_signals() -> io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     Ok(())
 }
@@ -309,10 +327,6 @@ pub fn set_title(title: &str) {
     }
 }
 
-extern "C" fn on_reopen_logs(_: libc::c_int) {
-    crate::log::request_reopen();
-}
-
 /// A zeroed array of `n` atomics in memory shared with every process forked
 /// after this call (`MAP_SHARED | MAP_ANONYMOUS`). The mapping lives as long
 /// as the process: the slice is never unmapped.
@@ -392,16 +406,19 @@ pub fn remove_env(names: &[&str]) -> io::Result<()> {
 // Privileges.
 
 /// Drops this process (a freshly forked worker, still single-threaded) to
-/// `creds`: the supplementary groups first, then the gid, then the uid (the
-/// only order that works: each step needs the privilege the next one
-/// removes). Then checks the result, and that root cannot be regained.
-/// Returns the reason on failure, for the worker's `error:` message.
-pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String> {
+/// `uid`, `gid` and the supplementary `groups`: the groups first, then the
+/// gid, then the uid (the only order that works: each step needs the
+/// privilege the next one removes). Then checks the result, and that root
+/// cannot be regained. `user` only names the user in messages. Returns the
+/// reason on failure, for the worker's `error:` message.
+pub fn drop_privileges(
+    user: &str,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: &[nix::unistd::Gid],
+) -> Result<(), String> {
     use nix::unistd::{Gid, Uid};
-    let who = format!(
-        "user {:?} (uid {}, gid {})",
-        creds.user, creds.uid, creds.gid
-    );
+    let who = format!("user {user:?} (uid {uid}, gid {gid})");
     let fail = |step: &str, e: nix::errno::Errno| {
         let hint = if e == nix::errno::Errno::EPERM && !Uid::effective().is_root() {
             " (the master must run as root to change users)"
@@ -410,28 +427,28 @@ pub fn drop_privileges(creds: &crate::config::Credentials) -> Result<(), String>
         };
         format!("cannot drop privileges to {who}: {step} failed: {e}{hint}")
     };
-    nix::unistd::setgroups(&creds.groups).map_err(|e| fail("setgroups", e))?;
-    nix::unistd::setgid(creds.gid).map_err(|e| fail("setgid", e))?;
-    nix::unistd::setuid(creds.uid).map_err(|e| fail("setuid", e))?;
+    nix::unistd::setgroups(groups).map_err(|e| fail("setgroups", e))?;
+    nix::unistd::setgid(gid).map_err(|e| fail("setgid", e))?;
+    nix::unistd::setuid(uid).map_err(|e| fail("setuid", e))?;
     let ids = (
         Uid::current(),
         Uid::effective(),
         Gid::current(),
         Gid::effective(),
     );
-    if ids != (creds.uid, creds.uid, creds.gid, creds.gid) {
+    if ids != (uid, uid, gid, gid) {
         return Err(format!(
             "dropped privileges to {who}, but runs as uid {}/{} gid {}/{}",
             ids.0, ids.1, ids.2, ids.3
         ));
     }
-    if !creds.uid.is_root() {
+    if !uid.is_root() {
         if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
             return Err(format!(
                 "dropped privileges to {who}, but setuid(0) still succeeds"
             ));
         }
-        if creds.gid.as_raw() != 0 && nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
+        if gid.as_raw() != 0 && nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
             return Err(format!(
                 "dropped privileges to {who}, but setgid(0) still succeeds"
             ));
@@ -512,7 +529,7 @@ pub fn kill_group(pgid: u32, sig: Signal) {
 pub struct ProgramSpawn {
     /// The program's path.
     pub path: std::ffi::CString,
-    /// argv, argv[0] first.
+    /// argv, `argv[0]` first.
     pub argv: Vec<std::ffi::CString>,
     /// The whole environment, `NAME=value`.
     pub envp: Vec<std::ffi::CString>,
@@ -520,6 +537,9 @@ pub struct ProgramSpawn {
     pub cwd: Option<std::ffi::CString>,
     /// Descriptors that become the program's 0, 1 and 2.
     pub stdio: [RawFd; 3],
+    /// Signals the program gets back at their default: those the worker
+    /// handles or ignores (execve resets handled ones, not ignored ones).
+    pub default_signals: &'static [libc::c_int],
 }
 
 struct SpawnArgs<'a> {
@@ -529,21 +549,6 @@ struct SpawnArgs<'a> {
     /// errno of the step that failed in the child, 0 if execve succeeded.
     err: i32,
 }
-
-/// Signals the worker handles or ignores, which a program gets back at their
-/// default (execve resets handled ones, not ignored ones).
-const PROGRAM_DEFAULT_SIGNALS: [libc::c_int; 10] = [
-    libc::SIGHUP,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGTERM,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGTTIN,
-    libc::SIGTTOU,
-    libc::SIGPIPE,
-    libc::SIGCHLD,
-];
 
 extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the SpawnArgs the parent passed to clone(2); with
@@ -570,7 +575,7 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
         // Dispositions are this child's own (no CLONE_SIGHAND).
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in PROGRAM_DEFAULT_SIGNALS {
+        for &sig in a.spec.default_signals {
             libc::sigaction(sig, &dfl, std::ptr::null_mut());
         }
         for (target, &fd) in a.spec.stdio.iter().enumerate() {
@@ -601,7 +606,7 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
 /// multi-threaded worker per connection would cost), with what posix_spawn
 /// cannot do: PR_SET_PDEATHSIG(SIGKILL), so the program dies with its
 /// worker. It also leads its own process group, starts with an empty signal
-/// mask and the worker's signals at their default, and gets `stdio` as its
+/// mask and `spec.default_signals` at their default, and gets `stdio` as its
 /// 0, 1, 2 (all other descriptors of the worker are close-on-exec).
 /// Returns its pid once it has called execve.
 pub fn spawn_program(spec: &ProgramSpawn) -> io::Result<u32> {

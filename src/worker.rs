@@ -57,7 +57,7 @@ pub(crate) struct WorkerSpec<'a> {
 /// Runs the worker to its end; returns the process exit code.
 pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     let name = format!("{}#{}", spec.service.name.get_ref(), spec.slot);
-    if let Err(e) = sys::install_worker_signals() {
+    if let Err(e) = crate::signals::install_worker() {
         log::error!("worker {name}: cannot set up signals: {e}");
         return code::SETUP_ERROR;
     }
@@ -77,7 +77,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
     // Before the parent-death signal is set: changing credentials clears it.
     // Before the plugin: it must never run with the master's privileges.
     if let Some(creds) = spec.credentials
-        && let Err(reason) = sys::drop_privileges(creds)
+        && let Err(reason) = sys::drop_privileges(&creds.user, creds.uid, creds.gid, &creds.groups)
     {
         return boot_failed(spec.ready, &reason);
     }

@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::Command;
 
 use common::*;
 
@@ -26,8 +25,8 @@ fn http(method: &str, url: &str) -> (u16, String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let mut s = connect(hostport.parse().unwrap())
-        .unwrap_or_else(|e| panic!("connect {hostport}: {e}"));
+    let mut s =
+        connect(hostport.parse().unwrap()).unwrap_or_else(|e| panic!("connect {hostport}: {e}"));
     write!(s, "{method} {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
     let reply = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
     let (head, body) = reply
@@ -70,7 +69,10 @@ fn parse(text: &str) -> Samples {
                 !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
                 "bad metric name in {line:?}"
             );
-            assert!(typed.contains_key(name), "{name}: a sample before its # TYPE");
+            assert!(
+                typed.contains_key(name),
+                "{name}: a sample before its # TYPE"
+            );
             assert!(helped.iter().any(|h| h == name), "{name}: no # HELP");
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");

@@ -17,8 +17,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use super::{
-    Addr, Connection, Datagram, DatagramHandler, Handlers, PluginContext, PluginInfo, Stream,
-    StreamHandler, TICK,
+    Addr, Connection, Datagram, DatagramHandler, Handlers, IO_TICK, PluginContext, PluginInfo,
+    Stream, StreamHandler,
 };
 use crate::sys;
 
@@ -244,6 +244,7 @@ impl Exec {
                 None => None,
             },
             stdio,
+            default_signals: &crate::signals::EXEC_DEFAULT,
         };
         sys::spawn_program(&spec).map_err(|e| {
             io::Error::new(
@@ -358,7 +359,7 @@ impl Exec {
             } else {
                 None
             };
-            match nix::poll::poll(&mut fds, PollTimeout::from(TICK.as_millis() as u16)) {
+            match nix::poll::poll(&mut fds, PollTimeout::from(IO_TICK.as_millis() as u16)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -533,7 +534,7 @@ impl StreamHandler for Exec {
     fn handle(&self, conn: &mut Connection) -> io::Result<()> {
         let stream = &conn.stream;
         // The program shares the socket's options: it expects plain blocking
-        // reads and writes, not the worker's TICK timeouts.
+        // reads and writes, not the worker's IO_TICK timeouts.
         let sock = socket2::SockRef::from(stream);
         sock.set_nonblocking(false)?;
         sock.set_read_timeout(None)?;
@@ -576,8 +577,8 @@ impl StreamHandler for Exec {
         let result = spawned.and_then(|pid| self.wait(pid, err_rd, None));
         // Back to the worker's ticks, so that the close that follows is
         // bounded by its linger.
-        sock.set_read_timeout(Some(TICK))?;
-        sock.set_write_timeout(Some(TICK))?;
+        sock.set_read_timeout(Some(IO_TICK))?;
+        sock.set_write_timeout(Some(IO_TICK))?;
         let killed = result?;
         if killed || sys::shutdown_requested() {
             // Killed, or the worker is stopping: no lingering for the

@@ -493,15 +493,14 @@ impl Master {
     /// One signal (that arrived `count` times since the last wake-up).
     fn on_signal(&mut self, event: Event, count: usize) {
         match event {
-            Event::Child => {} // reaped on every wake-up anyway
-            Event::Interrupt => self.handle_fast_stop("SIGINT"),
-            Event::Quit => self.handle_fast_stop("SIGQUIT"),
-            Event::Terminate => self.handle_term(),
-            Event::Hangup => self.request_reload(None, "SIGHUP"),
-            Event::User1 => self.reopen_logs(),
-            Event::User2 => self.request_upgrade(None, "SIGUSR2"),
-            Event::TtyIn => self.handle_ttin(count),
-            Event::TtyOut => self.handle_ttou(count),
+            Event::Reap => {} // reaped on every wake-up anyway
+            Event::FastStop(signal) => self.handle_fast_stop(signal.as_str()),
+            Event::GracefulStop => self.handle_term(),
+            Event::Reload => self.request_reload(None, "SIGHUP"),
+            Event::Reopen => self.reopen_logs(),
+            Event::Upgrade => self.request_upgrade(None, "SIGUSR2"),
+            Event::MoreWorkers => self.handle_ttin(count),
+            Event::FewerWorkers => self.handle_ttou(count),
         }
     }
 
