@@ -207,7 +207,7 @@ impl Container {
             return Err(format!("cannot copy {} to {}", cache.display(), root.display()));
         }
         prepare(&root);
-        let log = std::fs::File::create(tmpdir().join(format!("{name}.console")))
+        let log = std::fs::File::create(root.with_extension("console"))
             .map_err(|e| format!("cannot create the console log: {e}"))?;
         let started = Instant::now();
         // Without a host systemd, nspawn must neither register with machined
@@ -246,8 +246,8 @@ impl Container {
         .flatten();
         let Some(leader) = leader else {
             return Err(format!(
-                "systemd-nspawn did not start systemd (see {}.console)",
-                c.root.display()
+                "systemd-nspawn did not start systemd: {}",
+                c.console_last_line()
             ));
         };
         c.leader = leader;
@@ -266,10 +266,16 @@ impl Container {
                 Ok(c)
             }
             None => Err(format!(
-                "the container did not finish booting in {DEADLINE:?} (see {}.console)",
-                c.root.display()
+                "the container did not finish booting in {DEADLINE:?}: {}",
+                c.console_last_line()
             )),
         }
+    }
+
+    /// The last line nspawn or the container printed, for a skip message.
+    fn console_last_line(&self) -> String {
+        let text = std::fs::read_to_string(self.root.with_extension("console")).unwrap_or_default();
+        text.lines().last().unwrap_or("(no output)").to_string()
     }
 
     /// Runs a shell script inside the container (all its namespaces), with
@@ -363,6 +369,16 @@ impl Drop for Container {
                 eprintln!("live_systemd: cannot remove {}: processes left", d.display());
             }
         }
+        let console = self.root.with_extension("console");
+        if thread::panicking() {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            eprintln!("the container's console, last lines:");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        let _ = std::fs::remove_file(&console);
         let name = self.root.file_name().unwrap_or_default();
         let _ = std::fs::remove_dir(Path::new("/run/systemd/nspawn/propagate").join(name));
         let _ = std::fs::remove_dir_all(&self.root);
@@ -735,6 +751,8 @@ fn live_systemd() {
     echo(addr).expect("echo after SIGUSR2");
     c.ok("systemctl stop preforkd");
     assert_eq!(c.ok("systemctl is-active preforkd || true"), "inactive");
+    // A graceful stop (ExecStop=), not systemd's SIGKILL to all.
+    assert_eq!(c.prop("preforkd.service", "Result"), "success");
     assert_eq!(pids_of_preforkd(&c), "", "processes left after stop");
 
     println!("== socket activation: a restart refuses nothing");
