@@ -204,7 +204,11 @@ impl Container {
             .map_err(|e| format!("cannot run cp: {e}"))?;
         if !cp.success() {
             let _ = std::fs::remove_dir_all(&root);
-            return Err(format!("cannot copy {} to {}", cache.display(), root.display()));
+            return Err(format!(
+                "cannot copy {} to {}",
+                cache.display(),
+                root.display()
+            ));
         }
         prepare(&root);
         let log = std::fs::File::create(root.with_extension("console"))
@@ -258,11 +262,7 @@ impl Container {
         });
         match state {
             Some(s) => {
-                println!(
-                    "boot: {} in {:.2} s",
-                    s,
-                    started.elapsed().as_secs_f64()
-                );
+                println!("boot: {} in {:.2} s", s, started.elapsed().as_secs_f64());
                 Ok(c)
             }
             None => Err(format!(
@@ -282,10 +282,19 @@ impl Container {
     /// a clean environment and a time limit.
     fn sh(&self, script: &str) -> Output {
         Command::new("timeout")
-            .args([COMMAND_TIMEOUT, "nsenter", "-t", &self.leader.to_string(), "-a"])
+            .args([
+                COMMAND_TIMEOUT,
+                "nsenter",
+                "-t",
+                &self.leader.to_string(),
+                "-a",
+            ])
             .args(["/bin/sh", "-c", script])
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("LANG", "C.UTF-8")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .env("SYSTEMD_PAGER", "")
@@ -298,7 +307,11 @@ impl Container {
     /// Like `sh`, and the script must succeed; returns its standard output.
     fn ok(&self, script: &str) -> String {
         let out = self.sh(script);
-        assert!(out.status.success(), "in the container: {script}\n{}", show(&out));
+        assert!(
+            out.status.success(),
+            "in the container: {script}\n{}",
+            show(&out)
+        );
         stdout(&out)
     }
 
@@ -366,7 +379,10 @@ impl Drop for Container {
         }
         for d in &self.cgroups {
             if wait_for(Duration::from_secs(10), || remove_cgroup(d).then_some(())).is_none() {
-                eprintln!("live_systemd: cannot remove {}: processes left", d.display());
+                eprintln!(
+                    "live_systemd: cannot remove {}: processes left",
+                    d.display()
+                );
             }
         }
         let console = self.root.with_extension("console");
@@ -500,7 +516,12 @@ fn connect(addr: SocketAddr) -> Result<TcpStream, Failure> {
 /// Client loops until `stop` (at most `MAX_REQUESTS` each): `rr` clients
 /// keep one connection and send request after request; `connect` clients
 /// open a connection per request.
-fn load(addr: SocketAddr, rr: usize, conn: usize, stop: Arc<AtomicBool>) -> Vec<thread::JoinHandle<Tally>> {
+fn load(
+    addr: SocketAddr,
+    rr: usize,
+    conn: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<Tally>> {
     const MAX_REQUESTS: u64 = 200_000;
     let mut handles = Vec::new();
     for i in 0..rr + conn {
@@ -518,11 +539,13 @@ fn load(addr: SocketAddr, rr: usize, conn: usize, stop: Arc<AtomicBool>) -> Vec<
                     Some(s) => Ok(s),
                     None => connect(addr),
                 };
-                let result = stream.and_then(|mut s| exchange(&mut s, payload.as_bytes()).map(|()| s));
+                let result =
+                    stream.and_then(|mut s| exchange(&mut s, payload.as_bytes()).map(|()| s));
                 let result = match result {
                     Err(Failure::EarlyEof) if reused => {
                         t.reconnects += 1;
-                        connect(addr).and_then(|mut s| exchange(&mut s, payload.as_bytes()).map(|()| s))
+                        connect(addr)
+                            .and_then(|mut s| exchange(&mut s, payload.as_bytes()).map(|()| s))
                     }
                     r => r,
                 };
@@ -577,7 +600,9 @@ fn live_systemd() {
         std::env::var("PREFORKD_LIVE_DEB"),
         std::env::var("PREFORKD_LIVE_DEB_NEXT"),
     ) else {
-        return skip("PREFORKD_LIVE_DEB and PREFORKD_LIVE_DEB_NEXT are not set (packaging/live-systemd.sh sets them)");
+        return skip(
+            "PREFORKD_LIVE_DEB and PREFORKD_LIVE_DEB_NEXT are not set (packaging/live-systemd.sh sets them)",
+        );
     };
     for tool in ["debootstrap", "systemd-nspawn", "nsenter"] {
         if !have(tool) {
@@ -664,16 +689,30 @@ fn live_systemd() {
     println!("== systemctl reload: synchronous; a broken config fails, keeps serving");
     c.ok("systemctl reload preforkd");
     let status = c.prop("preforkd.service", "StatusText");
-    assert!(status.starts_with("generation 2;"), "right after reload: {status}");
+    assert!(
+        status.starts_with("generation 2;"),
+        "right after reload: {status}"
+    );
     let broken = config.replace("workers = \"auto\"", "workers = \"lots\"");
-    let line = broken.lines().position(|l| l == "workers = \"lots\"").unwrap() + 1;
+    let line = broken
+        .lines()
+        .position(|l| l == "workers = \"lots\"")
+        .unwrap()
+        + 1;
     c.write(CONFIG, &broken);
     let out = c.sh("systemctl reload preforkd");
-    assert!(!out.status.success(), "reload of a broken config: {}", show(&out));
+    assert!(
+        !out.status.success(),
+        "reload of a broken config: {}",
+        show(&out)
+    );
     let at = format!("{CONFIG}:{line}:11");
     c.wait_journal("", &at);
     assert_eq!(c.ok("systemctl is-active preforkd"), "active");
-    assert!(c.prop("preforkd.service", "StatusText").contains("last reload failed"));
+    assert!(
+        c.prop("preforkd.service", "StatusText")
+            .contains("last reload failed")
+    );
     echo(addr).expect("echo after a failed reload");
 
     println!("== journald: priorities; worker lines carry the worker's pid");
@@ -682,9 +721,15 @@ fn live_systemd() {
         !errors.contains("configuration is valid") && !errors.contains("ready: echo"),
         "-p err shows more than errors:\n{errors}"
     );
-    assert!(c.ok("journalctl -u preforkd --no-pager -o cat -p info").contains("ready: echo"));
+    assert!(
+        c.ok("journalctl -u preforkd --no-pager -o cat -p info")
+            .contains("ready: echo")
+    );
     // A worker logs when max_requests recycles it.
-    c.write(CONFIG, &config.replace("threads = 32\n", "threads = 32\nmax_requests = 1\n"));
+    c.write(
+        CONFIG,
+        &config.replace("threads = 32\n", "threads = 32\nmax_requests = 1\n"),
+    );
     c.ok("systemctl reload preforkd");
     let main = c.main_pid();
     for _ in 0..4 {
@@ -700,7 +745,10 @@ fn live_systemd() {
         .and_then(|r| r.split(']').next())
         .unwrap_or_else(|| panic!("no pid in {worker_line:?}"));
     assert_ne!(pid, main.to_string(), "{worker_line}");
-    assert!(lines.contains(&format!("(pid {pid})")), "the master never named worker {pid}:\n{lines}");
+    assert!(
+        lines.contains(&format!("(pid {pid})")),
+        "the master never named worker {pid}:\n{lines}"
+    );
     c.write(CONFIG, &config);
     c.ok("systemctl reload preforkd");
 
@@ -724,7 +772,12 @@ fn live_systemd() {
             .then_some(())
     })
     .expect("systemd did not restart the stopped master");
-    assert!(c.prop("preforkd.service", "NRestarts").parse::<u32>().unwrap() > restarts);
+    assert!(
+        c.prop("preforkd.service", "NRestarts")
+            .parse::<u32>()
+            .unwrap()
+            > restarts
+    );
     c.wait_journal("", "Watchdog timeout");
     echo(addr).expect("echo after the watchdog restart");
 
@@ -733,7 +786,10 @@ fn live_systemd() {
     let old = c.main_pid();
     let said = c.ok(&format!("preforkd -c {CONFIG} upgrade"));
     let new = c.main_pid();
-    assert!(said.contains(&format!("master pid {new} took over from pid {old}")), "{said} (MainPID {new})");
+    assert!(
+        said.contains(&format!("master pid {new} took over from pid {old}")),
+        "{said} (MainPID {new})"
+    );
     wait_for(DEADLINE, || {
         (!c.sh(&format!("kill -0 {old}")).status.success()).then_some(())
     })
@@ -747,7 +803,11 @@ fn live_systemd() {
     .expect("MainPID did not move after SIGUSR2");
     assert_eq!(c.ok("cat /run/preforkd/preforkd.pid"), newer.to_string());
     assert_eq!(c.ok("systemctl is-active preforkd"), "active");
-    assert_eq!(c.prop("preforkd.service", "NRestarts"), restarts, "an upgrade restarted the service");
+    assert_eq!(
+        c.prop("preforkd.service", "NRestarts"),
+        restarts,
+        "an upgrade restarted the service"
+    );
     echo(addr).expect("echo after SIGUSR2");
     c.ok("systemctl stop preforkd");
     assert_eq!(c.ok("systemctl is-active preforkd || true"), "inactive");
@@ -791,9 +851,18 @@ fn live_systemd() {
     );
     assert_ne!(after, before, "MainPID did not move");
     assert_eq!(c.ok("cat /run/preforkd/preforkd.pid"), after.to_string());
-    assert_eq!(c.prop("preforkd.service", "NRestarts"), restarts, "the upgrade fell back to a restart:\n{}", show(&dpkg));
+    assert_eq!(
+        c.prop("preforkd.service", "NRestarts"),
+        restarts,
+        "the upgrade fell back to a restart:\n{}",
+        show(&dpkg)
+    );
     assert!(t.ok > 0);
-    assert_eq!(t.failures(), 0, "failed requests through the package upgrade: {t:?}");
+    assert_eq!(
+        t.failures(),
+        0,
+        "failed requests through the package upgrade: {t:?}"
+    );
     assert!(
         !String::from_utf8_lossy(&dpkg.stderr).contains("binary upgrade failed"),
         "{}",
