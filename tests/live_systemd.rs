@@ -28,7 +28,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -173,6 +173,27 @@ fn remove_cgroup(dir: &Path) -> bool {
     !dir.exists()
 }
 
+/// Removes the roots of earlier runs that were killed before their Drop
+/// (named after the test process's pid: those whose process is gone).
+fn remove_stale_roots() {
+    let Ok(dir) = std::fs::read_dir(tmpdir()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("preforkd-live-")
+            .map(|p| p.trim_end_matches(".console"))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A booted container; Drop kills it and removes all it left.
 struct Container {
     nspawn: Child,
@@ -185,6 +206,7 @@ struct Container {
 impl Container {
     /// Copies the cached root and boots it; Err(why) to skip.
     fn boot(cache: &Path, name: &str, prepare: impl FnOnce(&Path)) -> Result<Container, String> {
+        remove_stale_roots();
         let cgroups = cgroup_dirs();
         for d in &cgroups {
             if !remove_cgroup(d) {
@@ -521,17 +543,22 @@ fn load(
     rr: usize,
     conn: usize,
     stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
 ) -> Vec<thread::JoinHandle<Tally>> {
-    const MAX_REQUESTS: u64 = 200_000;
+    // Bounds, in count and time, whatever `stop` does.
+    const MAX_REQUESTS: u64 = 5_000_000;
+    const MAX_TIME: Duration = Duration::from_secs(240);
     let mut handles = Vec::new();
     for i in 0..rr + conn {
         let stop = stop.clone();
+        let served = served.clone();
         let keep = i < rr;
         handles.push(thread::spawn(move || {
             let mut t = Tally::default();
             let mut kept: Option<TcpStream> = None;
             let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) && n < MAX_REQUESTS {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && n < MAX_REQUESTS && start.elapsed() < MAX_TIME {
                 n += 1;
                 let payload = format!("client {i} request {n}\n");
                 let reused = kept.is_some();
@@ -552,6 +579,7 @@ fn load(
                 match result {
                     Ok(s) => {
                         t.ok += 1;
+                        served.fetch_add(1, Ordering::Relaxed);
                         if keep {
                             kept = Some(s);
                         }
@@ -573,17 +601,29 @@ fn tally(handles: Vec<thread::JoinHandle<Tally>>) -> Tally {
     t
 }
 
-/// Runs `during` while client loops run, and a moment after it; returns
-/// what the clients saw.
+/// Runs `during` while client loops run: from when they have been served
+/// a few requests each until a few more after it; returns what they saw.
 fn under_load(addr: SocketAddr, during: impl FnOnce()) -> Tally {
+    const CLIENTS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(addr, 4, 4, stop.clone());
-    // Let every client make requests first.
-    thread::sleep(Duration::from_millis(300));
+    let served = Arc::new(AtomicU64::new(0));
+    let handles = load(addr, CLIENTS / 2, CLIENTS / 2, stop.clone(), served.clone());
+    let more = |n: u64| {
+        let target = served.load(Ordering::Relaxed) + n;
+        wait_for(DEADLINE, || {
+            (served.load(Ordering::Relaxed) >= target).then_some(())
+        })
+    };
+    let before = more(10 * CLIENTS as u64);
     during();
-    thread::sleep(Duration::from_millis(500));
+    let after = more(100 * CLIENTS as u64);
     stop.store(true, Ordering::Relaxed);
-    tally(handles)
+    let t = tally(handles);
+    assert!(
+        before.is_some() && after.is_some(),
+        "the clients were not served: {t:?}"
+    );
+    t
 }
 
 fn pids_of_preforkd(c: &Container) -> String {
