@@ -424,7 +424,7 @@ fn print_config_without_file_is_the_embedded_default() {
         "listen = [\"tcp://127.0.0.1:8009\"]",
         "workers = 2",
         "plugin = \"echo\"",
-        "threads = 1",
+        "threads = 32",
     ] {
         assert!(
             out.stdout.lines().any(|l| l == line),
