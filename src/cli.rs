@@ -18,7 +18,7 @@ use crate::exit::code;
 use crate::handler::Registry;
 use crate::listener::ListenError;
 use crate::log::LogError;
-use crate::master::{Master, MasterError, Startup};
+use crate::master::{Master, MasterError, Startup, counted};
 use crate::resolve::{self, Resolved};
 use crate::sys;
 use crate::upgrade::{Exec, Inherited};
@@ -67,6 +67,34 @@ pub fn exit_status(e: &Error) -> i32 {
 
 fn setup_err(context: &'static str) -> impl FnOnce(String) -> Error {
     move |reason| Error::Setup { context, reason }
+}
+
+/// `println!` that ends the process quietly (exit 0) once standard output
+/// is closed (`preforkd plugins | head -1`), as ripgrep does.
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!`, as `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+/// Writes to standard output; a closed pipe ends the process with 0 (the
+/// reader has what it wanted), any other failure with 1.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(code::OK);
+        }
+        eprintln!("preforkd: cannot write to standard output: {e}");
+        std::process::exit(code::FAILED);
+    }
 }
 
 /// preforkd: a pre-fork daemon for any socket service.
@@ -165,15 +193,20 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
     }
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => {
-            match load(&cli, registry).and_then(|r| resolve::check_plugins(&r).map(|()| r.config)) {
+            let checked = load(&cli, registry).and_then(|r| {
+                resolve::check_paths(&r)?;
+                resolve::check_plugins(&r)?;
+                Ok(r.config)
+            });
+            match checked {
                 Ok(config) => {
-                    println!("{}: configuration is valid", config.source);
+                    outln!("{}: configuration is valid", config.source);
                     for s in &config.services {
                         let listen: Vec<String> = s.addrs.iter().map(ToString::to_string).collect();
                         let (min, max, top) = s.pool_bounds();
                         let workers = match s.pool_kind() {
                             crate::config::PoolKind::Static => {
-                                format!("{} workers", s.workers.resolve())
+                                counted(s.workers.resolve() as usize, "worker")
                             }
                             crate::config::PoolKind::Dynamic => format!(
                                 "dynamic pool of {} to {top} workers ({min} to {max} idle)",
@@ -183,11 +216,11 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
                                 format!("ondemand pool of 0 to {top} workers")
                             }
                         };
-                        println!(
-                            "  service {}: plugin {}, {workers} x {} threads, listen {}",
+                        outln!(
+                            "  service {}: plugin {}, {workers} x {}, listen {}",
                             s.name.get_ref(),
                             s.handler.plugin.get_ref(),
-                            s.threads,
+                            counted(s.threads as usize, "thread"),
                             listen.join(", ")
                         );
                     }
@@ -197,12 +230,12 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
             }
         }
         Command::Plugins => {
-            print!("{}", plugin_table(registry));
+            out!("{}", plugin_table(registry));
             code::OK
         }
         Command::PrintConfig => match load(&cli, registry) {
             Ok(resolved) => {
-                print!("{}", resolved.config.to_toml());
+                out!("{}", resolved.config.to_toml());
                 code::OK
             }
             Err(e) => config_error(e),
@@ -234,9 +267,9 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
                 Duration::from_secs(10),
                 |v| {
                     if json {
-                        println!("{v}");
+                        outln!("{v}");
                     } else {
-                        print!("{}", status_table(v));
+                        out!("{}", status_table(v));
                     }
                 },
             )
@@ -253,9 +286,10 @@ pub fn run(cli: Cli, registry: &Registry) -> i32 {
             },
             Duration::from_secs(10),
             |v| {
-                println!(
-                    "service {service}: {} workers (was {})",
-                    v["workers"], v["was"]
+                outln!(
+                    "service {service}: {} (was {})",
+                    counted(v["workers"].as_u64().unwrap_or(0) as usize, "worker"),
+                    v["was"]
                 )
             },
         ),
@@ -276,20 +310,24 @@ fn serve(cli: &Cli, registry: &Registry) -> Result<i32, Error> {
     // it; the master keeps the value.
     let notifier = crate::systemd::Notifier::from_env()
         .map_err(|e| setup_err("cannot clear the systemd environment")(e.to_string()))?;
-    let resolved = load(cli, registry).inspect_err(|e| {
+    let mut resolved = load(cli, registry).inspect_err(|e| {
         if let Some(i) = &mut inherited {
             i.report_error(&e.to_string());
         }
     })?;
-    let config = &resolved.config;
     // What the next master runs: this binary, by the path it was started
     // from, with the config made absolute (before --daemon changes to /).
+    // The master names it so from the start, as a reload reads it.
     let config_path = cli
         .config
         .as_deref()
         .map(std::path::absolute)
         .transpose()
         .map_err(|e| setup_err("cannot resolve the config path")(e.to_string()))?;
+    if let Some(path) = &config_path {
+        resolved.config.source = crate::config::Source::File(path.clone());
+    }
+    let config = &resolved.config;
     if cli.daemon {
         let pid_file = config
             .daemon
@@ -393,16 +431,17 @@ fn request(cli: &Cli, registry: &Registry, request: Request, wait: &Wait, signal
     };
     if let Some(path) = &ends.control {
         return call(path, &request, wait.timeout, |v| match &request {
-            Request::Reload => println!(
+            Request::Reload => outln!(
                 "reloaded: generation {} serving (took {:.1} ms)",
                 v["generation"],
                 v["elapsed_ms"].as_f64().unwrap_or(0.0)
             ),
-            Request::Upgrade => println!(
+            Request::Upgrade => outln!(
                 "upgraded: master pid {} took over from pid {}",
-                v["new_pid"], v["old_pid"]
+                v["new_pid"],
+                v["old_pid"]
             ),
-            _ => println!("stopped: master pid {} has exited", v["pid"]),
+            _ => outln!("stopped: master pid {} has exited", v["pid"]),
         });
     }
     let Some(pid_file) = &ends.pid_file else {
@@ -432,7 +471,7 @@ fn request(cli: &Cli, registry: &Registry, request: Request, wait: &Wait, signal
     let sig = nix::sys::signal::Signal::try_from(signal).expect("a valid signal");
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
         Ok(()) => {
-            println!(
+            outln!(
                 "sent {} to master pid {pid}; without a [control] socket the outcome cannot be reported: see the log",
                 sig.as_str()
             );

@@ -559,8 +559,13 @@ pub struct ServiceConfig {
     /// Pool size: a number or `"auto"` (one per CPU).
     #[serde(default)]
     pub workers: Workers,
-    /// Accept threads in each worker (socketserver's ThreadingMixIn).
-    #[serde(default = "one", deserialize_with = "de_threads")]
+    /// `threads` as written: its span locates errors found later (the file
+    /// descriptor limit, src/resolve.rs).
+    #[serde(rename = "threads", default = "one_written")]
+    pub threads_written: Spanned<i64>,
+    /// Accept threads in each worker (socketserver's ThreadingMixIn):
+    /// `threads`, checked (filled in by validation).
+    #[serde(skip)]
     pub threads: u32,
     /// Recycle a worker after this many connections (datagrams); 0 = never.
     #[serde(default)]
@@ -808,9 +813,6 @@ pub struct HandlerConfig {
     pub options: toml::Table,
 }
 
-fn one() -> u32 {
-    1
-}
 fn ten_seconds() -> Duration {
     Duration::from_secs(10)
 }
@@ -945,15 +947,12 @@ fn default_backlog() -> i32 {
     1024
 }
 
-fn de_threads<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let n = i64::deserialize(d)?;
-    if !(1..=1024).contains(&n) {
-        return Err(de::Error::custom(format!(
-            "threads must be between 1 and 1024, got {n}"
-        )));
-    }
-    Ok(n as u32)
+fn one_written() -> Spanned<i64> {
+    Spanned::new(0..0, 1)
 }
+
+/// The most accept threads a worker runs.
+pub const MAX_THREADS: i64 = 1024;
 
 fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
     let n = i64::deserialize(d)?;
@@ -1277,11 +1276,25 @@ impl FromStr for ListenAddr {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, Source::File(path.to_owned()))
+        let source = Source::File(path.to_owned());
+        match String::from_utf8(bytes) {
+            Ok(text) => Config::parse(&text, source),
+            Err(e) => {
+                // Located at the first bad byte: the text before it is valid.
+                let at = e.utf8_error().valid_up_to();
+                let before = String::from_utf8_lossy(&e.as_bytes()[..at]).into_owned();
+                Err(error_at(
+                    &source,
+                    &before,
+                    at,
+                    "invalid UTF-8: a config file is UTF-8 text; re-save it as UTF-8".into(),
+                ))
+            }
+        }
     }
 
     /// The embedded default configuration.
@@ -1294,8 +1307,11 @@ impl Config {
         let locate = |span: Option<std::ops::Range<usize>>, message: String| {
             error_at(&source, text, span.map_or(0, |s| s.start), message)
         };
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| locate(e.span(), e.message().trim().replace('\n', "; ")))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let span = e.span();
+            let message = readable(e.message().trim(), span.clone(), text);
+            locate(span, message)
+        })?;
         config.source = source.clone();
         config.text = text.into();
         config
@@ -1315,6 +1331,17 @@ impl Config {
     /// lists. Returns the span of the offending value.
     fn validate_mut(&mut self) -> Result<(), (std::ops::Range<usize>, String)> {
         for svc in &mut self.services {
+            let threads = &svc.threads_written;
+            if !(1..=MAX_THREADS).contains(threads.get_ref()) {
+                return Err((
+                    threads.span(),
+                    format!(
+                        "threads must be between 1 and {MAX_THREADS}, got {}",
+                        threads.get_ref()
+                    ),
+                ));
+            }
+            svc.threads = *threads.get_ref() as u32;
             svc.addrs = svc
                 .listen
                 .get_ref()
@@ -1417,15 +1444,114 @@ impl Config {
     }
 }
 
-/// A [`ConfigError::Invalid`] at byte `offset` of `text`.
+/// A [`ConfigError::Invalid`] at byte `offset` of `text`, its message on
+/// one line with long quoted values cut.
 fn error_at(source: &Source, text: &str, offset: usize, message: String) -> ConfigError {
     let (line, column) = line_col(text, offset);
     ConfigError::Invalid {
         origin: source.clone(),
         line,
         column,
-        message,
+        message: cut_long_values(&message.replace('\n', "; ")),
     }
+}
+
+/// The longest quoted value a message repeats whole.
+const MAX_QUOTED: usize = 80;
+
+/// Cuts every quoted value of more than [`MAX_QUOTED`] characters to its
+/// start and end around `…`: the position says where the value is.
+fn cut_long_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        // The closing quote: the next one not escaped.
+        let close = rest
+            .char_indices()
+            .find(|&(i, c)| c == '"' && !rest[..i].ends_with('\\'))
+            .map(|(i, _)| i);
+        let Some(close) = close else { break };
+        let value = &rest[..close];
+        if value.chars().count() > MAX_QUOTED {
+            let head: String = value.chars().take(MAX_QUOTED / 2).collect();
+            let tail: Vec<char> = value.chars().rev().take(MAX_QUOTED / 4).collect();
+            let tail: String = tail.into_iter().rev().collect();
+            let n = value.chars().count();
+            out.push_str(&format!("{head}…{tail}"));
+            out.push('"');
+            out.push_str(&format!(" ({n} characters)"));
+        } else {
+            out.push_str(value);
+            out.push('"');
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What the TOML parser said, in the words of the config: no Rust type
+/// names, and a hint for the common slips.
+fn readable(message: &str, span: Option<std::ops::Range<usize>>, text: &str) -> String {
+    let at = span.map_or(0, |s| s.start).min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if line.starts_with("[service]") || line.starts_with("[ service ]") {
+        return "[service] is one table, but services are a list: write [[service]] (two brackets) before each service".into();
+    }
+    if line.starts_with("handler") && message.contains("HandlerConfig") {
+        let plugin = line
+            .split_once('=')
+            .map(|(_, v)| v.trim().trim_matches(['"', '\'']))
+            .filter(|p| !p.is_empty())
+            .unwrap_or("echo");
+        return format!(
+            "handler is a table, not a string: write [service.handler] on a line of its own, then plugin = \"{plugin}\" under it"
+        );
+    }
+    let mut out = message.to_string();
+    for (rust, words) in [
+        ("struct HandlerConfig", "a [service.handler] table"),
+        ("struct ServiceConfig", "a [[service]] table"),
+        ("struct DaemonConfig", "a [daemon] table"),
+        ("struct LogConfig", "a [log] table"),
+        ("struct ControlConfig", "a [control] table"),
+        ("struct MetricsConfig", "a [metrics] table"),
+        ("struct Config", "a table"),
+        ("a sequence", "a list [...]"),
+        ("map", "table"),
+        ("i64", "a whole number"),
+        ("u64", "a whole number"),
+        ("u32", "a whole number"),
+        ("i32", "a whole number"),
+    ] {
+        out = replace_word(&out, rust, words);
+    }
+    out
+}
+
+/// Replaces `word` in `text` where it stands as a whole word.
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(word) {
+        let before_ok = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '_');
+        let after = &rest[i + word.len()..];
+        let after_ok = after
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '_');
+        out.push_str(&rest[..i]);
+        out.push_str(if before_ok && after_ok { with } else { word });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

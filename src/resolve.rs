@@ -16,7 +16,9 @@
 
 use std::path::Path;
 
-use crate::config::{Config, ConfigError};
+use nix::unistd::{AccessFlags, access};
+
+use crate::config::{Config, ConfigError, ListenAddr, LogTarget};
 use crate::handler::{PluginContext, PluginInfo, Registry};
 
 /// A configuration with each service's plugin found.
@@ -70,9 +72,114 @@ pub fn resolve(config: Config, registry: &Registry) -> Result<Resolved, ConfigEr
                 ));
             }
         }
+        check_fd_limit(&config, svc, info)?;
         plugins.push(info.clone());
     }
     Ok(Resolved { config, plugins })
+}
+
+/// File descriptors a worker holds besides its connections: its listeners,
+/// log, pipes, the scoreboard, a syslog socket, with room to spare.
+const WORKER_BASE_FDS: u64 = 64;
+
+/// Whether a worker of `svc` fits this process's file descriptor limit
+/// (which workers inherit): each accept thread holds a connection, and an
+/// `exec` connection also the program's stderr pipe and its pidfd. Found
+/// here, with the `threads` line, rather than as a worker that reports
+/// ready and then fails every accept.
+fn check_fd_limit(
+    config: &Config,
+    svc: &crate::config::ServiceConfig,
+    plugin: &PluginInfo,
+) -> Result<(), ConfigError> {
+    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    else {
+        return Ok(());
+    };
+    let per_connection = if plugin.name == "exec" { 3 } else { 1 };
+    let listeners = svc.addrs.len() as u64;
+    let need = u64::from(svc.threads) * per_connection + listeners + WORKER_BASE_FDS;
+    if need <= soft {
+        return Ok(());
+    }
+    Err(config.error_at(
+        svc.threads_written.span().start,
+        format!(
+            "service {:?}: threads = {} needs about {need} file descriptors in each worker, more than the limit of {soft} (ulimit -n; LimitNOFILE= under systemd): lower threads or raise the limit",
+            svc.name.get_ref().as_str(),
+            svc.threads
+        ),
+    ))
+}
+
+/// What `preforkd check` adds for paths, without creating anything: the
+/// directory of every Unix socket to bind (services' and the control
+/// socket) exists and is writable, and the log file can be opened for
+/// appending. The run would fail on each of these.
+pub fn check_paths(resolved: &Resolved) -> Result<(), ConfigError> {
+    let config = &resolved.config;
+    for svc in &config.services {
+        for (addr, written) in svc.addrs.iter().zip(svc.listen.get_ref()) {
+            if let ListenAddr::Unix(path) | ListenAddr::UnixGram(path) = addr
+                && let Err(why) = dir_writable(path, RUN_HINT)
+            {
+                return Err(config.error_at(written.span().start, format!("{addr}: {why}")));
+            }
+        }
+    }
+    if let Some(socket) = &config.control.socket
+        && let Err(why) = dir_writable(socket.get_ref(), RUN_HINT)
+    {
+        return Err(config.error_at(socket.span().start, format!("control socket: {why}")));
+    }
+    if let Some(file) = &config.log.file
+        && config.log.target() == LogTarget::File
+    {
+        let path = file.get_ref();
+        let fails = if path.exists() {
+            access(path, AccessFlags::W_OK).err().map(|e| {
+                format!(
+                    "log file {}: cannot be opened for writing ({e}): fix its owner or mode, or name another file",
+                    path.display()
+                )
+            })
+        } else {
+            dir_writable(path, "under systemd, LogsDirectory= makes one in /var/log")
+                .err()
+                .map(|why| format!("log file {}: {why}", path.display()))
+        };
+        if let Some(message) = fails {
+            return Err(config.error_at(file.span().start, message));
+        }
+    }
+    Ok(())
+}
+
+/// Where a missing socket directory comes from under systemd.
+const RUN_HINT: &str = "under systemd, RuntimeDirectory= makes one in /run";
+
+/// Whether a file can be created at `path`: its directory exists, is a
+/// directory and is writable by this process. `hint` says how a missing
+/// directory is usually made.
+fn dir_writable(path: &Path, hint: &str) -> Result<(), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Err(_) => Err(format!(
+            "directory {} does not exist: create it ({hint})",
+            dir.display()
+        )),
+        Ok(m) if !m.is_dir() => Err(format!("{} is not a directory", dir.display())),
+        Ok(_) => access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+            format!(
+                "directory {} is not writable by this user (uid {}): {e}; run as its owner, or choose another directory",
+                dir.display(),
+                nix::unistd::getuid()
+            )
+        }),
+    }
 }
 
 /// Whether `plugin` serves stream sockets (`stream`) or datagram ones.
@@ -105,14 +212,17 @@ pub fn check_plugins(resolved: &Resolved) -> Result<(), ConfigError> {
             svc.graceful_timeout,
         );
         if let Err(message) = check(&ctx) {
+            let plugin = svc.handler.plugin.get_ref();
+            let message = message.replace('\n', " ");
+            // Checkers may name their plugin themselves; it is said once.
+            let message = if message.starts_with(&format!("plugin {plugin:?}")) {
+                message
+            } else {
+                format!("plugin {plugin:?}: {message}")
+            };
             return Err(config.error_at(
                 svc.handler.plugin.span().start,
-                format!(
-                    "service {:?}: plugin {:?}: {}",
-                    svc.name.get_ref(),
-                    svc.handler.plugin.get_ref(),
-                    message.replace('\n', " ")
-                ),
+                format!("service {:?}: {message}", svc.name.get_ref().as_str()),
             ));
         }
     }

@@ -358,13 +358,13 @@ fn check_and_print_config_on_a_valid_file() {
     assert!(
         check
             .stdout
-            .contains("service alpha: plugin echo, 3 workers x 1 threads"),
+            .contains("service alpha: plugin echo, 3 workers x 1 thread"),
         "{check:?}"
     );
     assert!(
         check
             .stdout
-            .contains("service beta: plugin daytime, 1 workers x 2 threads"),
+            .contains("service beta: plugin daytime, 1 worker x 2 threads"),
         "{check:?}"
     );
     assert!(!check.all().contains("spawned"), "{check:?}");

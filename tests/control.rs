@@ -241,7 +241,7 @@ fn scale_changes_the_pool() {
 
     let out = run_cli(&cfg, &["scale", "echo", "1"]);
     assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(stdout(&out), "service echo: 1 workers (was 4)\n");
+    assert_eq!(stdout(&out), "service echo: 1 worker (was 4)\n");
     let one = d.wait_workers(1);
     wait_status(&d, "1 ready worker", |v| {
         settled(v) && v["services"][0]["size"] == 1

@@ -235,7 +235,7 @@ fn file_target_is_reopened_on_sigusr1_by_master_and_workers() {
     let rotated = d.path("out.log.1");
     fs::rename(&file, &rotated).unwrap();
     d.signal(libc::SIGUSR1);
-    has(&file, "SIGUSR1: log files reopened; told 1 workers");
+    has(&file, "SIGUSR1: log files reopened; told 1 worker");
     // The worker reopens before its next record.
     echo(&d);
     has(

@@ -62,7 +62,7 @@ fn dynamic_grows_under_a_burst_and_shrinks_after() {
     let out = cli(&d, &["check"]);
     assert!(
         stdout(&out).contains(
-            "service dyn: plugin echo, dynamic pool of 2 to 6 workers (1 to 2 idle) x 1 threads"
+            "service dyn: plugin echo, dynamic pool of 2 to 6 workers (1 to 2 idle) x 1 thread"
         ),
         "{}",
         show(&out)

@@ -412,7 +412,7 @@ fn sigttin_and_sigttou_resize_every_service() {
     );
     step(
         libc::SIGTTOU,
-        "SIGTTOU: service beta now has 1 workers",
+        "SIGTTOU: service beta now has 1 worker",
         1,
         2,
         1,

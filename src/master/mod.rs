@@ -318,9 +318,10 @@ impl Master {
         sys::set_title("preforkd: master");
         let total: usize = self.pools.iter().map(Pool::size).sum();
         log::info!(
-            "master pid {} starting {total} workers in {} services (generation {})",
+            "master pid {} starting {} in {} (generation {})",
             self.pid,
-            self.pools.len(),
+            counted(total, "worker"),
+            counted(self.pools.len(), "service"),
             self.generation
         );
         self.spawn();
@@ -533,8 +534,8 @@ impl Master {
             let _ = kill(*pid, Signal::SIGUSR1);
         }
         log::info!(
-            "SIGUSR1: log files reopened; told {} workers",
-            self.children.len()
+            "SIGUSR1: log files reopened; told {}",
+            counted(self.children.len(), "worker")
         );
     }
 
@@ -746,6 +747,15 @@ fn report(notify: Option<OwnedFd>, e: MasterError) -> MasterError {
         upgrade::report_error(fd, &e.to_string());
     }
     e
+}
+
+/// `1 worker`, `2 workers`: a count and its noun, for messages.
+pub fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// A duration to the millisecond, for the log.

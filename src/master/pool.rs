@@ -22,7 +22,9 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use super::reload::Reload;
-use super::{FAST_STOP_GRACE, Master, MasterError, Phase, health, policy, round_ms, sys_err};
+use super::{
+    FAST_STOP_GRACE, Master, MasterError, Phase, counted, health, policy, round_ms, sys_err,
+};
 use crate::config::{Credentials, MAX_WORKERS, PoolKind, ServiceConfig};
 use crate::control;
 use crate::exit::{ChildExit, worker as worker_code};
@@ -165,7 +167,7 @@ impl Pool {
     pub(super) fn summary(pools: &[Pool]) -> String {
         let parts: Vec<String> = pools
             .iter()
-            .map(|p| format!("{} ({} workers)", p.name(), p.size()))
+            .map(|p| format!("{} ({})", p.name(), counted(p.size(), "worker")))
             .collect();
         parts.join(", ")
     }
@@ -449,7 +451,7 @@ impl Master {
                 } else {
                     let n = if up { n + 1 } else { n - 1 };
                     self.resize(p, n);
-                    log::info!("{signal}: service {name} now has {n} workers");
+                    log::info!("{signal}: service {name} now has {}", counted(n, "worker"));
                 }
             }
         }
@@ -479,7 +481,10 @@ impl Master {
         let was = self.pools[p].size();
         let n = n.min(MAX_WORKERS as usize);
         self.resize(p, n);
-        log::info!("control: service {service} scaled from {was} to {n} workers");
+        log::info!(
+            "control: service {service} scaled from {was} to {}",
+            counted(n, "worker")
+        );
         json!({"ok": true, "service": service, "workers": n, "was": was})
     }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::listeners::{self, Sources};
 use super::pool::Pool;
-use super::{FAST_STOP_GRACE, Master, Phase, policy, round_ms};
+use super::{FAST_STOP_GRACE, Master, Phase, counted, policy, round_ms};
 use crate::config::Config;
 use crate::control::{self, ClientId};
 use crate::resolve::{self, Resolved};
@@ -146,8 +146,9 @@ impl Master {
         let pools = Pool::all(&config, plugins, &mut self.stats);
         let total: usize = pools.iter().map(Pool::size).sum();
         log::info!(
-            "{prefix}{} is valid; starting {total} workers",
-            config.source
+            "{prefix}{} is valid; starting {}",
+            config.source,
+            counted(total, "worker")
         );
         self.reload = Some(Reload {
             generation,
