@@ -72,7 +72,8 @@ fn menu_config(lib: &Path) -> String {
             lib.to_str().unwrap(),
         );
     assert_ne!(shipped, replaced, "the example's addresses changed");
-    replaced
+    // The options table is the file's last: English for menu_dialogue.
+    format!("{replaced}language = \"en\"\n")
 }
 
 #[test]
@@ -83,6 +84,11 @@ fn c_menu_plugin_dialogue_over_tcp_and_unix() {
     d.wait_ready();
     menu_dialogue(connect(d.addr("tcp", "menu")).unwrap());
     menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
+    // The tutorial's client, in its own texts (the plugin's default).
+    let zh = Daemon::start(&menu_config(&lib).replace("language = \"en\"\n", ""));
+    zh.wait_ready();
+    tutorial_client(connect(zh.addr("tcp", "menu")).unwrap());
+    tutorial_client(connect_unix(&zh.path("menu.sock")).unwrap());
 }
 
 #[test]
@@ -306,7 +312,7 @@ fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
         &["tcp://127.0.0.1:0", "unix:{dir}/menu.sock"],
         "workers = 1\nthreads = 2",
         &lib,
-        "",
+        "language = \"en\"",
     ));
     d.wait_ready();
     d.wait_log("dylib plugin: menu (Rust) ready");

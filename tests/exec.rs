@@ -399,7 +399,8 @@ fn menu_config() -> String {
         );
     assert_eq!(replaced.matches("{dir}").count(), 1, "the example changed");
     assert!(!replaced.contains(":8010\"") && !replaced.contains("\"examples/"));
-    replaced
+    // The options table is the file's last: English for menu_dialogue.
+    format!("{replaced}env = {{ MENU_LANG = \"en\" }}\n")
 }
 
 #[test]
@@ -419,6 +420,11 @@ fn menu_dialogue_over_tcp_and_unix() {
     d.wait_ready();
     menu_dialogue(connect(d.addr("tcp", "menu")).unwrap());
     menu_dialogue(connect_unix(&d.path("menu.sock")).unwrap());
+    // The tutorial's client, in its own texts (the script's default).
+    let zh = Daemon::start(&menu_config().replace("env = { MENU_LANG = \"en\" }\n", ""));
+    zh.wait_ready();
+    tutorial_client(connect(zh.addr("tcp", "menu")).unwrap());
+    tutorial_client(connect_unix(&zh.path("menu.sock")).unwrap());
     // The client closing first: the program ends without another word.
     let mut s = connect(d.addr("tcp", "menu")).unwrap();
     assert_eq!(read_line(&mut s).unwrap(), MENU_BANNER);

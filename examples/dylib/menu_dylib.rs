@@ -19,13 +19,34 @@ use std::sync::OnceLock;
 
 use preforkd::handler::dylib::{ABI_VERSION, Conn, Host, LOG_INFO, Plugin, guard};
 
-const BANNER: &[u8] =
-    b"Welcome to the preforkd menu. Please choose: 0 to talk to an operator, exit to leave.\n";
-const OPERATOR: &[u8] = b"Your call is being transferred to an operator.\n";
-const AGAIN: &[u8] =
-    b"Invalid choice. Please choose again: 0 to talk to an operator, exit to leave.\n";
-const GOODBYE: &[u8] = b"Goodbye.\n";
-const MAX_LINE: usize = 1024;
+/// What the menu says (docs/MENU.md): banner, operator, again, goodbye.
+type Texts = [&'static [u8]; 4];
+
+/// The socketserver tutorial's own texts (the default).
+const ZH: Texts = [
+    "欢迎致电 10086,请输入1xxx,0转人工服务.\n".as_bytes(),
+    "通过可能会被录音.balabala一大推\n".as_bytes(),
+    "请重新输入.\n".as_bytes(),
+    b"",
+];
+
+/// docs/MENU.md's English texts: options `language = "en"`.
+const EN: Texts = [
+    b"Welcome to the preforkd menu. Please choose: 0 to talk to an operator, exit to leave.\n",
+    b"Your call is being transferred to an operator.\n",
+    b"Invalid choice. Please choose again: 0 to talk to an operator, exit to leave.\n",
+    b"Goodbye.\n",
+];
+
+/// The most one read takes: a longer choice is answered in pieces.
+const MAX_READ: usize = 1024;
+
+/// The texts chosen by `init`.
+static TEXTS: OnceLock<&'static Texts> = OnceLock::new();
+
+fn texts() -> &'static Texts {
+    TEXTS.get().copied().unwrap_or(&ZH)
+}
 
 /// The host table, valid for the worker's life.
 struct HostRef(&'static Host);
@@ -62,6 +83,7 @@ fn send(sock: &mut File, mut buf: &[u8]) -> io::Result<()> {
 
 /// The answer to one choice, and whether the caller is let go.
 fn answer(line: &[u8]) -> (&'static [u8], bool) {
+    let [_, operator, again, goodbye] = *texts();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let choice = line.trim_ascii_start();
     let choice = {
@@ -72,51 +94,69 @@ fn answer(line: &[u8]) -> (&'static [u8], bool) {
         c
     };
     match choice {
-        b"0" => (OPERATOR, false),
-        b"exit" => (GOODBYE, true),
+        b"0" => (operator, false),
+        b"exit" => (goodbye, true),
         b"panic" => panic!("the caller asked for a panic"),
-        _ => (AGAIN, false),
+        _ => (again, false),
     }
 }
 
+/// A choice is a line, or what one read delivered after its last newline
+/// (the tutorial's client sends a choice with no newline and waits).
 fn serve(sock: &mut File) -> io::Result<()> {
-    send(sock, BANNER)?;
-    let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE);
-    let mut chunk = [0u8; MAX_LINE];
+    send(sock, texts()[0])?;
+    let mut buf = [0u8; MAX_READ];
     loop {
-        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            let (reply, bye) = answer(&buf[..i]);
+        if host().is_some_and(Host::is_shutting_down) {
+            return Ok(()); // waiting for a choice: a request boundary
+        }
+        let n = match sock.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if is_tick(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let data = buf[..n].strip_suffix(b"\n").unwrap_or(&buf[..n]);
+        for choice in data.split(|&b| b == b'\n') {
+            let (reply, bye) = answer(choice);
             send(sock, reply)?;
-            buf.drain(..=i);
             if bye {
                 return Ok(());
             }
-        }
-        if buf.len() >= MAX_LINE {
-            send(sock, AGAIN)?;
-            buf.clear();
-        }
-        if buf.is_empty() && host().is_some_and(Host::is_shutting_down) {
-            return Ok(()); // a request boundary
-        }
-        let room = MAX_LINE - buf.len();
-        match sock.read(&mut chunk[..room]) {
-            Ok(0) => return Ok(()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if is_tick(&e) => {}
-            Err(e) => return Err(e),
         }
     }
 }
 
 unsafe extern "C" fn init(
-    _options_json: *const c_char,
+    options_json: *const c_char,
     host: *const Host,
     _state: *mut *mut c_void,
-    _err: *mut c_char,
-    _errlen: usize,
+    err: *mut c_char,
+    errlen: usize,
 ) -> c_int {
     guard(None, "init", 1, || {
+        // SAFETY: preforkd passes a NUL-terminated JSON object, valid for
+        // the call.
+        let options = unsafe { std::ffi::CStr::from_ptr(options_json) }.to_string_lossy();
+        let options: serde_json::Value = serde_json::from_str(&options).unwrap_or_default();
+        let texts = match options.get("language").and_then(|v| v.as_str()) {
+            None | Some("zh") => &ZH,
+            Some("en") => &EN,
+            Some(_) => {
+                let msg = b"language must be \"zh\" (the tutorial's texts) or \"en\"";
+                if errlen > 0 {
+                    let n = msg.len().min(errlen - 1);
+                    // SAFETY: preforkd passes a buffer of `errlen` bytes; at
+                    // most errlen - 1 are written, then the NUL.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(msg.as_ptr(), err.cast::<u8>(), n);
+                        *err.add(n) = 0;
+                    }
+                }
+                return 1;
+            }
+        };
+        let _ = TEXTS.set(texts);
         // SAFETY: preforkd passes its static host table.
         let h: &'static Host = unsafe { &*host };
         let _ = HOST.set(HostRef(h));

@@ -485,6 +485,8 @@ pub fn spawn_retrying(cmd: &mut Command) -> Child {
 
 // ---------------------------------------------------------------------------
 // The menu dialogue of docs/MENU.md, one checker for every implementation.
+// The tests run it in English (`language = "en"`), and the tutorial's own
+// client against the default texts (`tutorial_client`).
 
 pub const MENU_BANNER: &str =
     "Welcome to the preforkd menu. Please choose: 0 to talk to an operator, exit to leave.\n";
@@ -520,14 +522,40 @@ pub fn menu_dialogue<S: Read + Write>(mut s: S) {
         s.write_all(send.as_bytes()).unwrap();
         assert_eq!(read_line(&mut s).unwrap(), expect, "answer to {send:?}");
     }
-    // Two choices in one write, the second one split across writes.
-    s.write_all(b"0\nex").unwrap();
+    // Two choices in one write, the second with no newline: what the read
+    // delivered after the last newline is a choice too (the tutorial's
+    // client sends no newline).
+    s.write_all(b"0\nhello").unwrap();
     assert_eq!(read_line(&mut s).unwrap(), MENU_OPERATOR);
-    s.write_all(b"it\n").unwrap();
+    assert_eq!(read_line(&mut s).unwrap(), MENU_AGAIN);
+    s.write_all(b"exit").unwrap();
     assert_eq!(read_line(&mut s).unwrap(), MENU_GOODBYE);
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "more after Goodbye: {rest:?}");
+}
+
+/// The socketserver tutorial's client, ported as it is: it reads what one
+/// `recv(1024)` returns, sends each choice with one `sendall` and no
+/// newline, and reads the answer with one `recv(1024)`. Checks the
+/// tutorial's texts (the default), then `exit` closes the connection.
+pub fn tutorial_client<S: Read + Write>(mut s: S) {
+    let mut recv = |s: &mut S| {
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    assert_eq!(recv(&mut s), "欢迎致电 10086,请输入1xxx,0转人工服务.\n");
+    for (choice, answer) in [
+        ("0", "通过可能会被录音.balabala一大推\n"),
+        ("1234", "请重新输入.\n"),
+        ("0", "通过可能会被录音.balabala一大推\n"),
+    ] {
+        s.write_all(choice.as_bytes()).unwrap();
+        assert_eq!(recv(&mut s), answer, "answer to {choice:?}");
+    }
+    s.write_all(b"exit").unwrap();
+    assert_eq!(recv(&mut s), "", "exit closes the connection");
 }
 
 // ---------------------------------------------------------------------------
