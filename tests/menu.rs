@@ -132,7 +132,7 @@ fn listed_and_checked() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78), "{}", show(&out));
     assert!(
-        stderr(&out).contains("menu.toml:15:10: unknown plugin \"menu\""),
+        stderr(&out).contains("menu.toml:17:10: unknown plugin \"menu\""),
         "{}",
         show(&out)
     );

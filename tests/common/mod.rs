@@ -540,7 +540,7 @@ pub fn menu_dialogue<S: Read + Write>(mut s: S) {
 /// newline, and reads the answer with one `recv(1024)`. Checks the
 /// tutorial's texts (the default), then `exit` closes the connection.
 pub fn tutorial_client<S: Read + Write>(mut s: S) {
-    let mut recv = |s: &mut S| {
+    let recv = |s: &mut S| {
         let mut buf = [0u8; 1024];
         let n = s.read(&mut buf).unwrap();
         String::from_utf8(buf[..n].to_vec()).unwrap()
