@@ -486,6 +486,50 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     Some((u64::from(info.tcpi_unacked), u64::from(info.tcpi_sacked)))
 }
 
+/// A TCP connection's totals: (bytes received, bytes sent), whoever read
+/// or wrote them (a program run by `exec` owns the socket). Sent is what
+/// the peer acknowledged plus what is still queued (SIOCOUTQ: not yet
+/// acknowledged), so the count is exact at any moment. None for other
+/// sockets, or a kernel without the counters.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // The kernel writes as much of the struct as it knows: the counters
+    // came in Linux 4.1 and 4.2.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    // SAFETY: `fd` is borrowed for this call; the kernel writes at most
+    // `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < needed {
+        return None;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int, which we own.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    let queued = if rc == 0 { queued.max(0) as u64 } else { 0 };
+    // A FIN takes a sequence number, which the counters include: one off
+    // each way once it was received or sent (tcp_states.h: FIN_WAIT1 4,
+    // FIN_WAIT2 5, TIME_WAIT 6, CLOSE 7, CLOSE_WAIT 8, LAST_ACK 9,
+    // CLOSING 11; a connection CLOSE after both FINs, the usual end, or
+    // after a reset, which this counts one byte short each way).
+    let state = info.tcpi_state;
+    let fin_in = matches!(state, 6..=9 | 11);
+    let fin_out = matches!(state, 4..=7 | 9 | 11);
+    let received = info.tcpi_bytes_received.saturating_sub(u64::from(fin_in));
+    let sent = (info.tcpi_bytes_acked + queued).saturating_sub(u64::from(fin_out));
+    Some((received, sent))
+}
+
 /// Resident memory of process `pid` in bytes, from /proc/PID/statm (its
 /// second field, in pages). None if the process is gone.
 pub fn resident_bytes(pid: i32) -> Option<u64> {
@@ -654,4 +698,32 @@ pub fn spawn_program(spec: &ProgramSpawn) -> io::Result<u32> {
         return Err(io::Error::from_raw_os_error(args.err));
     }
     Ok(pid as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn tcp_totals_count_both_ways() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(&[1u8; 1000]).unwrap();
+        let mut buf = [0u8; 1000];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(&[2u8; 300]).unwrap();
+        client.read_exact(&mut buf[..300]).unwrap();
+        assert_eq!(tcp_bytes(server.as_fd()), Some((1000, 300)));
+        // FINs both ways are not bytes.
+        client.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        assert_eq!(tcp_bytes(server.as_fd()), Some((1000, 300)));
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(tcp_bytes(server.as_fd()), Some((1000, 300)));
+        let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(tcp_bytes(unix.as_fd()), None);
+    }
 }

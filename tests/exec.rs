@@ -487,3 +487,37 @@ fn a_program_starts_with_default_signals_and_dies_with_its_worker() {
     })
     .unwrap_or_else(|| panic!("program {pid} outlived its worker {worker}"));
 }
+
+/// The program owns the socket, so the worker reads TCP's own totals at
+/// the connection's end: `status` (and /metrics) count what `cat` echoed.
+#[test]
+fn bytes_of_a_program_connection_are_counted() {
+    let d = Daemon::start(&exec_service(
+        &["tcp://127.0.0.1:0"],
+        "workers = 1",
+        "command = [\"/bin/cat\"]",
+    ));
+    d.wait_ready();
+    const N: usize = 100_000;
+    let mut s = connect(d.addr("tcp", "x")).unwrap();
+    let payload = vec![b'p'; N];
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            s.write_all(&payload).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let echoed = read_to_eof(&mut s).unwrap();
+    writer.join().unwrap();
+    assert_eq!(echoed.len(), N);
+    drop(s);
+    let v = wait_status(&d, "the connection's bytes", |v| {
+        status_workers(v, "x")
+            .iter()
+            .any(|w| w["bytes_in"].as_u64() == Some(N as u64))
+    });
+    let w = status_workers(&v, "x")[0];
+    assert_eq!(w["bytes_in"].as_u64(), Some(N as u64), "{w}");
+    assert_eq!(w["bytes_out"].as_u64(), Some(N as u64), "{w}");
+}

@@ -205,6 +205,13 @@ impl<'a> Connection<'a> {
         (self.bytes_in, self.bytes_out)
     }
 
+    /// Replaces the byte counts with the socket's own totals, for a
+    /// handler that hands the socket to someone else (exec's program).
+    pub(crate) fn set_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
+        self.bytes_in = bytes_in;
+        self.bytes_out = bytes_out;
+    }
+
     /// Whether a read gave up after `idle_timeout` without input.
     pub(crate) fn idle_expired(&self) -> bool {
         self.idle_expired

@@ -579,7 +579,7 @@ impl StreamHandler for Exec {
         // bounded by its linger.
         sock.set_read_timeout(Some(IO_TICK))?;
         sock.set_write_timeout(Some(IO_TICK))?;
-        let killed = result?;
+        let killed = result.as_ref().is_ok_and(|k| *k);
         if killed || sys::shutdown_requested() {
             // Killed, or the worker is stopping: no lingering for the
             // client (the master's deadline is near). FIN now, drop what
@@ -588,7 +588,12 @@ impl StreamHandler for Exec {
             let _ = conn.discard_input();
             conn.eof = true;
         }
-        Ok(())
+        // The program read and wrote the socket itself: TCP's own totals
+        // count it all (a Unix socket keeps none: its bytes stay uncounted).
+        if let Some((bytes_in, bytes_out)) = sys::tcp_bytes(conn.stream.as_fd()) {
+            conn.set_bytes(bytes_in, bytes_out);
+        }
+        result.map(drop)
     }
 }
 
