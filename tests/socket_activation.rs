@@ -294,3 +294,37 @@ fn adopts_a_named_datagram_socket() {
     assert!(d.wait_exit(DEADLINE).success(), "{}", d.log_text());
     assert!(sock.exists(), "systemd's socket file was unlinked");
 }
+
+/// A socket adopted at start by its address cannot become `systemd:NAME`
+/// by a reload: the reload fails with what is true (systemd passes its
+/// sockets at start only, and which this master holds), and the old
+/// generation keeps serving.
+#[test]
+fn a_reload_naming_a_systemd_socket_says_what_is_true() {
+    let Some(tool) = activator() else { return };
+    let port = free_port();
+    let head = "[control]\nsocket = \"{dir}/ctl.sock\"\n";
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let config = format!(
+        "{head}{}",
+        service("web", &[&listen], "echo", "workers = 1")
+    );
+    let d = start(tool, &config, &[format!("127.0.0.1:{port}")], &["web"]);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    echo_once(addr, b"wake up\n").unwrap_or_else(|e| panic!("{e}; log:\n{}", d.log_text()));
+    d.wait_ready();
+    d.write_config(&format!(
+        "{head}{}",
+        service("web", &["systemd:other"], "echo", "workers = 1")
+    ));
+    let out = cli(&d, &["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "cannot listen on systemd:other: systemd passes its sockets only when the service starts, so a reload cannot take a socket named \"other\" (this master adopted tcp://127.0.0.1:{port} by its address); keep the listen entries of those sockets as they were, or restart the service to use systemd:other"
+        )),
+        "{}",
+        show(&out)
+    );
+    echo_once(addr, b"still serving\n").unwrap();
+}

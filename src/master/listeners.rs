@@ -37,6 +37,32 @@ pub(super) struct Sources<'a> {
     pub(super) activated: Vec<systemd::Activated>,
 }
 
+/// What a failed bind of a reload says: a `systemd:NAME` the master does
+/// not hold cannot be had then (systemd passes its sockets once, when the
+/// service starts), whatever the socket unit says; the message names the
+/// sockets this master did adopt from systemd and how.
+pub(super) fn reload_reason(e: &ListenError, open: &[Listener]) -> String {
+    let ListenError::NotPassed { addr, name, .. } = e else {
+        return e.to_string();
+    };
+    let adopted: Vec<String> = open
+        .iter()
+        .filter(|l| l.systemd)
+        .map(|l| match &l.addr {
+            ListenAddr::Systemd(_) => l.addr.to_string(),
+            _ => format!("{} by its address", l.bound),
+        })
+        .collect();
+    let held = if adopted.is_empty() {
+        "this master adopted none".to_string()
+    } else {
+        format!("this master adopted {}", adopted.join(", "))
+    };
+    format!(
+        "cannot listen on {addr}: systemd passes its sockets only when the service starts, so a reload cannot take a socket named {name:?} ({held}); keep the listen entries of those sockets as they were, or restart the service to use systemd:{name}"
+    )
+}
+
 /// Finds the listener named `key`.
 pub(super) fn find<'a>(listeners: &'a [Listener], key: &str) -> Option<&'a Listener> {
     listeners.iter().find(|l| l.key == key)

@@ -131,7 +131,8 @@ impl Master {
                 keys
             }
             Err(e) => {
-                self.reload_failed(generation, waiters, &e.to_string(), None);
+                let reason = listeners::reload_reason(&e, &self.listeners);
+                self.reload_failed(generation, waiters, &reason, None);
                 return;
             }
         };
