@@ -18,7 +18,8 @@ stopped at the end. Prints a markdown table: the median rate per server and
 concurrency (± half the min-max range), p50/p99 latency of the median run,
 errors, and the ratio to the first server.
 
-Needs ../shared/bench's loadgen (../shared/bench/setup.sh).
+The load generator is bench/loadgen (--loadgen to use another), built with
+cargo on first use.
 """
 import argparse
 import json
@@ -33,6 +34,30 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+# The project's own load generator (bench/loadgen), built on first use.
+LOADGEN = os.path.join(HERE, "loadgen", "target", "release", "loadgen")
+
+
+def ensure_loadgen(path, me):
+    """Build bench/loadgen if `path` is its (missing) binary; exit with what
+    to do if another --loadgen is missing."""
+    if os.path.exists(path):
+        return
+    if os.path.abspath(path) != LOADGEN:
+        sys.exit(f"{me}: --loadgen {path}: no such file; leave --loadgen out to use bench/loadgen")
+    print(f"{me}: building the load generator: cargo build --release "
+          "--manifest-path bench/loadgen/Cargo.toml", file=sys.stderr)
+    manifest = os.path.join(HERE, "loadgen", "Cargo.toml")
+    try:
+        r = subprocess.run(["cargo", "build", "--release", "--manifest-path", manifest],
+                           timeout=1800)
+    except FileNotFoundError:
+        sys.exit(f"{me}: cargo not found; install Rust (rustup or apt-get install cargo) "
+                 "to build bench/loadgen")
+    if r.returncode != 0:
+        sys.exit(f"{me}: building bench/loadgen failed (cargo's errors above)")
 
 
 def free_port():
@@ -77,8 +102,10 @@ def main():
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--extra")
     ap.add_argument("--loadgen",
-                    default=os.path.join(ROOT, "../shared/bench/loadgen/target/release/loadgen"))
+                    default=LOADGEN,
+                    help="load generator (default bench/loadgen, built if missing)")
     a = ap.parse_args()
+    ensure_loadgen(a.loadgen, "bench/ab.py")
 
     tmp = tempfile.mkdtemp(prefix="pfd-ab-")
     servers = []
