@@ -8,6 +8,7 @@ ratios compare numbers taken seconds apart on the same noisy machine.
         --server after=target/release/preforkd \\
         [--server dylib=target/release/preforkd:handler.toml] \\
         [--mode rr|connect] [--conns 8,64] [--rounds 3] [--duration 10] \\
+        [--address tokio=127.0.0.1:PORT] \\
         [--workers 2] [--threads 32] [--extra service.toml]
 
 Each --server is NAME=BINARY[:HANDLER]: HANDLER is a file holding the
@@ -16,9 +17,13 @@ keys added to every server's [[service]] table. Every server runs on
 127.0.0.1 with a port of its own (picked free), log level warn, and is
 stopped at the end. Prints a markdown table: the median rate per server and
 concurrency (± half the min-max range), p50/p99 latency of the median run,
-errors, and the ratio to the first server.
+errors, and the ratio to the first server. --address NAME=HOST:PORT adds a
+server that is already running on loopback (a peer such as
+bench/peers/tokio-echo), measured in the same rounds, in the order given:
+first, it is the ratio's base.
 
-Needs ../shared/bench's loadgen (../shared/bench/setup.sh).
+The load generator is bench/loadgen (--loadgen to use another), built with
+cargo on first use.
 """
 import argparse
 import json
@@ -33,6 +38,30 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+# The project's own load generator (bench/loadgen), built on first use.
+LOADGEN = os.path.join(HERE, "loadgen", "target", "release", "loadgen")
+
+
+def ensure_loadgen(path, me):
+    """Build bench/loadgen if `path` is its (missing) binary; exit with what
+    to do if another --loadgen is missing."""
+    if os.path.exists(path):
+        return
+    if os.path.abspath(path) != LOADGEN:
+        sys.exit(f"{me}: --loadgen {path}: no such file; leave --loadgen out to use bench/loadgen")
+    print(f"{me}: building the load generator: cargo build --release "
+          "--manifest-path bench/loadgen/Cargo.toml", file=sys.stderr)
+    manifest = os.path.join(HERE, "loadgen", "Cargo.toml")
+    try:
+        r = subprocess.run(["cargo", "build", "--release", "--manifest-path", manifest],
+                           timeout=1800)
+    except FileNotFoundError:
+        sys.exit(f"{me}: cargo not found; install Rust (rustup or apt-get install cargo) "
+                 "to build bench/loadgen")
+    if r.returncode != 0:
+        sys.exit(f"{me}: building bench/loadgen failed (cargo's errors above)")
 
 
 def free_port():
@@ -66,9 +95,21 @@ threads = {a.threads}
     return p, port
 
 
+def wait_for(name, addr, a):
+    """An --address server: measured as it is, once it echoes."""
+    w = subprocess.run([a.loadgen, "wait", "--tcp", addr, "--timeout-ms", "20000"],
+                       capture_output=True, text=True)
+    if w.returncode != 0:
+        sys.exit(f"{name}: {w.stderr.strip()}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--server", action="append", required=True)
+    # Both kinds go to one list, so that the order of the command line is
+    # the order of the table (the first is the ratio's base).
+    ap.add_argument("--server", action="append", dest="specs", type=lambda v: ("server", v))
+    ap.add_argument("--address", action="append", dest="specs", type=lambda v: ("address", v),
+                    help="NAME=HOST:PORT: a server already running on loopback (a peer)")
     ap.add_argument("--mode", default="rr", choices=["rr", "connect"])
     ap.add_argument("--conns", default="8,64")
     ap.add_argument("--rounds", type=int, default=3)
@@ -77,19 +118,30 @@ def main():
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--extra")
     ap.add_argument("--loadgen",
-                    default=os.path.join(ROOT, "../shared/bench/loadgen/target/release/loadgen"))
+                    default=LOADGEN,
+                    help="load generator (default bench/loadgen, built if missing)")
     a = ap.parse_args()
+    ensure_loadgen(a.loadgen, "bench/ab.py")
 
     tmp = tempfile.mkdtemp(prefix="pfd-ab-")
-    servers = []
-    for spec in a.server:
+    if not a.specs:
+        ap.error("give at least one --server NAME=BINARY[:HANDLER] or --address NAME=HOST:PORT")
+    servers, addresses = [], {}
+    for kind, spec in a.specs:
         name, _, rest = spec.partition("=")
-        binary, _, handler = rest.partition(":")
-        servers.append((name, binary, handler or None))
+        if kind == "address":
+            addresses[name] = rest
+            servers.append((name, None, None))
+        else:
+            binary, _, handler = rest.partition(":")
+            servers.append((name, binary, handler or None))
     procs = {}
     try:
         for name, binary, handler in servers:
-            procs[name] = start(name, binary, handler, a, tmp)
+            if name in addresses:
+                wait_for(name, addresses[name], a)
+            else:
+                procs[name] = start(name, binary, handler, a, tmp)
         conns = [int(c) for c in a.conns.split(",")]
         runs = {}  # (name, conc) -> [result]
         print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", file=sys.stderr)
@@ -97,9 +149,9 @@ def main():
         for r in range(a.rounds):
             for c in conns:
                 for name, _, _ in servers:
-                    port = procs[name][1]
+                    addr = addresses.get(name) or f"127.0.0.1:{procs[name][1]}"
                     out = subprocess.run(
-                        [a.loadgen, a.mode, "--tcp", f"127.0.0.1:{port}", "-c", str(c),
+                        [a.loadgen, a.mode, "--tcp", addr, "-c", str(c),
                          "-d", str(a.duration), "--warmup", "1", "--json"],
                         capture_output=True, text=True, timeout=a.duration + 60)
                     res = json.loads(out.stdout)

@@ -6,9 +6,9 @@ each command to the new generation serving.
     python3 bench/reload.py [--reloads 100] [--upgrades 5] [--workers 8]
                             [--connections 64] [--loadgen PATH]
 
-Needs a release build (cargo build --release) and ../shared/bench's loadgen
-(../shared/bench/setup.sh). Everything runs in a temp dir on 127.0.0.1 with a
-port the kernel picks; the daemon is stopped at the end.
+Needs a release build (cargo build --release); the load generator is
+bench/loadgen, built on first use. Everything runs in a temp dir on
+127.0.0.1 with a port the kernel picks; the daemon is stopped at the end.
 
 Two times per reload: `cli` is the wall time of `preforkd reload` (process
 start, config parse, connect, wait for the answer), as an operator or
@@ -33,6 +33,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+# The project's own load generator (bench/loadgen), built on first use.
+LOADGEN = os.path.join(HERE, "loadgen", "target", "release", "loadgen")
+
+
+def ensure_loadgen(path, me):
+    """Build bench/loadgen if `path` is its (missing) binary; exit with what
+    to do if another --loadgen is missing."""
+    if os.path.exists(path):
+        return
+    if os.path.abspath(path) != LOADGEN:
+        sys.exit(f"{me}: --loadgen {path}: no such file; leave --loadgen out to use bench/loadgen")
+    print(f"{me}: building the load generator: cargo build --release "
+          "--manifest-path bench/loadgen/Cargo.toml", file=sys.stderr)
+    manifest = os.path.join(HERE, "loadgen", "Cargo.toml")
+    try:
+        r = subprocess.run(["cargo", "build", "--release", "--manifest-path", manifest],
+                           timeout=1800)
+    except FileNotFoundError:
+        sys.exit(f"{me}: cargo not found; install Rust (rustup or apt-get install cargo) "
+                 "to build bench/loadgen")
+    if r.returncode != 0:
+        sys.exit(f"{me}: building bench/loadgen failed (cargo's errors above)")
+
+
 def pct(values, p):
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -48,9 +72,11 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/preforkd"))
     ap.add_argument(
         "--loadgen",
-        default=os.path.join(ROOT, "../shared/bench/loadgen/target/release/loadgen"),
+        default=LOADGEN,
+        help="load generator (default bench/loadgen, built if missing)",
     )
     a = ap.parse_args()
+    ensure_loadgen(a.loadgen, "bench/reload.py")
 
     tmp = tempfile.mkdtemp(prefix="pfd-bench-")
     cfg = os.path.join(tmp, "preforkd.toml")
