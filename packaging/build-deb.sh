@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package with cargo-deb and checks it: the paths it must
 # contain (dpkg-deb --contents), its conffiles and maintainer scripts
-# (dpkg-deb --info), the man page against the CLI, and lintian (errors and warnings fail; accepted
+# (dpkg-deb --info), the man pages against the CLI and the reference config, and lintian (errors and warnings fail; accepted
 # findings are overridden, with a reason, in packaging/lintian-overrides).
 # Installs cargo-deb (pinned) and lintian when they are missing.
 # Usage: packaging/build-deb.sh   (prints the .deb's path last)
@@ -21,12 +21,13 @@ if ! command -v lintian >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends lintian
 fi
 
-echo "== man page up to date with the CLI"
+echo "== man pages up to date with the CLI and config/preforkd.toml"
 man_tmp=$(mktemp)
-trap 'rm -f "$man_tmp"' EXIT
-cargo run -q --example gen-man -- "$man_tmp"
-if ! cmp -s "$man_tmp" packaging/preforkd.1; then
-    echo "packaging/preforkd.1 is stale: run cargo run --example gen-man" >&2
+man5_tmp=$(mktemp)
+trap 'rm -f "$man_tmp" "$man5_tmp"' EXIT
+cargo run -q --example gen-man -- "$man_tmp" "$man5_tmp"
+if ! cmp -s "$man_tmp" packaging/preforkd.1 || ! cmp -s "$man5_tmp" packaging/preforkd.toml.5; then
+    echo "packaging/preforkd.1 or preforkd.toml.5 is stale: run cargo run --example gen-man" >&2
     exit 1
 fi
 
@@ -41,7 +42,7 @@ if getent passwd preforkd >/dev/null; then
 else
     echo "(no user preforkd on this host: checking without [daemon] user)"
     host_cfg=$(mktemp --suffix=.toml)
-    trap 'rm -f "$man_tmp" "$host_cfg"' EXIT
+    trap 'rm -f "$man_tmp" "$man5_tmp" "$host_cfg"' EXIT
     grep -v '^user = "preforkd"$' packaging/preforkd.toml >"$host_cfg"
     target/release/preforkd check -c "$host_cfg"
 fi
@@ -90,6 +91,7 @@ expect /lib/systemd/system/preforkd.socket -rw-r--r--
 expect /etc/preforkd/preforkd.toml -rw-r--r--
 expect /etc/logrotate.d/preforkd -rw-r--r--
 expect /usr/share/man/man1/preforkd.1.gz -rw-r--r--
+expect /usr/share/man/man5/preforkd.toml.5.gz -rw-r--r--
 expect /usr/share/doc/preforkd/copyright -rw-r--r--
 expect /usr/share/doc/preforkd/changelog.Debian.gz -rw-r--r--
 expect /usr/share/lintian/overrides/preforkd -rw-r--r--

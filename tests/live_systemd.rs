@@ -43,7 +43,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const COMMAND_TIMEOUT: &str = "180";
 /// The unit and config as the package installs them.
 const CONFIG: &str = "/etc/preforkd/preforkd.toml";
-/// `systemd-analyze security` score the README records for the unit.
+/// The ceiling for the unit's `systemd-analyze security` score in the
+/// container (docs/OPERATIONS.md records 2.5).
 const MAX_EXPOSURE: f64 = 2.6;
 
 fn skip(why: &str) {
