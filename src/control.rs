@@ -3,8 +3,10 @@
 //! line: `status`, `reload`, `upgrade`, `stop`, `scale SERVICE N`.
 //!
 //! The master side ([`Server`]) never blocks: every client is nonblocking,
-//! its input and output buffers are bounded, and a client that sends no
-//! complete request within [`IDLE_TIMEOUT`] is dropped. Only root and the
+//! its input and output buffers are bounded, a client that sends no
+//! complete request within [`IDLE_TIMEOUT`] is dropped, and at
+//! [`MAX_CLIENTS`] the client idle longest is closed for a new one, so
+//! silent connections cannot lock the operator out. Only root and the
 //! master's own user are answered (SO_PEERCRED); anyone else is closed on
 //! without a word, and logged.
 //!
@@ -32,7 +34,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST: usize = 4096;
 /// Most answer bytes queued for a client that does not read.
 pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
-/// Most clients connected at once; more wait in the listen queue.
+/// Most clients connected at once; past it the client idle longest is
+/// closed for a new one (clients with a request in progress wait in the
+/// listen queue).
 pub const MAX_CLIENTS: usize = 64;
 /// How long accepting pauses after EMFILE or ENFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
@@ -181,7 +185,7 @@ impl Server {
         if let Some(l) = &self.listener
             && !l.shared
             && !paused
-            && self.clients.len() < MAX_CLIENTS
+            && (self.clients.len() < MAX_CLIENTS || self.oldest_idle(self.next_id).is_some())
         {
             fds.push((l.as_fd(), PollFlags::POLLIN));
             tokens.push(None);
@@ -223,12 +227,54 @@ impl Server {
         !self.queued.is_empty()
     }
 
+    /// The client idle longest, among those accepted before `before`:
+    /// connected, no request in progress and nothing left to write. It is
+    /// the one to give way at the cap. (A client accepted in this round has
+    /// not been read yet: its request may be on the way.)
+    fn oldest_idle(&self, before: ClientId) -> Option<ClientId> {
+        self.clients
+            .iter()
+            .filter(|(id, c)| **id < before && !c.waiting && c.output.is_empty())
+            .min_by_key(|(id, c)| (c.idle_since, **id))
+            .map(|(id, _)| *id)
+    }
+
     fn accept_all(&mut self) {
-        let Some(l) = &self.listener else { return };
-        while self.clients.len() < MAX_CLIENTS {
+        let round = self.next_id;
+        loop {
+            // At the cap, the client idle longest is closed to make room:
+            // a stuck script that connects and says nothing must not lock
+            // the operator out for IDLE_TIMEOUT (nginx drops idle
+            // keepalive connections the same way when it runs short).
+            // Clients with a request in progress are never evicted.
+            if self.clients.len() >= MAX_CLIENTS {
+                let Some(victim) = self.oldest_idle(round) else {
+                    return;
+                };
+                // Accept first: evict only if someone is really waiting.
+                let Some(stream) = self.accept_one() else {
+                    return;
+                };
+                self.clients.remove(&victim);
+                log::debug!("control socket: {MAX_CLIENTS} clients; the one idle longest closed");
+                self.add_client(stream);
+                continue;
+            }
+            let Some(stream) = self.accept_one() else {
+                return;
+            };
+            self.add_client(stream);
+        }
+    }
+
+    /// Accepts the next client that may talk to us, or None when there is
+    /// none waiting (or accepting failed and is paused).
+    fn accept_one(&mut self) -> Option<UnixStream> {
+        let l = self.listener.as_ref()?;
+        loop {
             let stream = match l.accept_unix() {
                 Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE/ENFILE leave the listener readable: without a
@@ -238,7 +284,7 @@ impl Server {
                         ACCEPT_BACKOFF.as_millis()
                     );
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
+                    return None;
                 }
             };
             match peer_allowed(&stream) {
@@ -252,21 +298,25 @@ impl Server {
                 log::warn!("control socket: cannot make a client nonblocking: {e}");
                 continue;
             }
-            let id = self.next_id;
-            self.next_id += 1;
-            self.clients.insert(
-                id,
-                Client {
-                    stream,
-                    input: Vec::new(),
-                    output: Vec::new(),
-                    waiting: false,
-                    eof: false,
-                    gone: false,
-                    idle_since: Instant::now(),
-                },
-            );
+            return Some(stream);
         }
+    }
+
+    fn add_client(&mut self, stream: UnixStream) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.clients.insert(
+            id,
+            Client {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                waiting: false,
+                eof: false,
+                gone: false,
+                idle_since: Instant::now(),
+            },
+        );
     }
 
     fn client_io(&mut self, id: ClientId, rev: PollFlags) {

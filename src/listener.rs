@@ -180,7 +180,13 @@ impl Listener {
                 let bound = socket.bind(&sockaddr);
                 nix::sys::stat::umask(old);
                 bound.map_err(sys("bind"))?;
-                let meta = std::fs::symlink_metadata(path).map_err(sys("stat"))?;
+                // What bind() made, opened without following a symlink:
+                // from here on the master acts on this inode only (its
+                // directory may belong to the workers' user).
+                let file = crate::sys::open_entry_nofollow(path).map_err(sys("open"))?;
+                let meta = std::fs::File::from(file.try_clone().map_err(sys("dup"))?)
+                    .metadata()
+                    .map_err(sys("fstat"))?;
                 let created = Some((path.clone(), meta.dev(), meta.ino()));
                 let mut listener = Listener {
                     key: addr.to_string(),
@@ -193,11 +199,10 @@ impl Listener {
                 };
                 // From here on, a failure removes the file we just made.
                 let finish = |l: &Listener| -> Result<(), ListenError> {
-                    std::fs::set_permissions(
-                        path,
-                        std::os::unix::fs::PermissionsExt::from_mode(mode.0),
-                    )
-                    .map_err(sys("chmod"))?;
+                    if !meta.file_type().is_socket() {
+                        return Err(sys("bind")(replaced(path)));
+                    }
+                    crate::sys::chmod_fd(file.as_fd(), mode.0).map_err(sys("chmod"))?;
                     let s = socket2::SockRef::from(&l.socket);
                     if stream {
                         s.listen(backlog).map_err(sys("listen"))?;
@@ -350,27 +355,44 @@ impl Listener {
         if self.addr.is_stream() {
             socket2::SockRef::from(&self.socket).listen(backlog)?;
         }
-        if let ListenAddr::Unix(path) | ListenAddr::UnixGram(path) = &self.addr {
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode.0))?;
-        }
-        if let (Some((path, _, _)), Some(c)) = (&self.created, owner) {
-            std::os::unix::fs::chown(path, Some(c.uid.as_raw()), Some(c.gid.as_raw()))?;
+        if let Some(file) = self.own_file()? {
+            crate::sys::chmod_fd(file.as_fd(), mode.0)?;
+            if let Some(c) = owner {
+                crate::sys::chown_fd(file.as_fd(), c.uid.as_raw(), c.gid.as_raw())?;
+            }
         }
         Ok(())
+    }
+
+    /// The socket file this listener created, opened without following a
+    /// symlink, if it is still that file (a socket, same device and inode):
+    /// the workers' user may own its directory and put anything there, and
+    /// the master must never chmod or chown what a path leads to. None for
+    /// sockets without a file of ours; an error if something else is there.
+    fn own_file(&self) -> io::Result<Option<OwnedFd>> {
+        let Some((path, dev, ino)) = &self.created else {
+            return Ok(None);
+        };
+        let file = crate::sys::open_entry_nofollow(path)?;
+        let meta = std::fs::File::from(file.try_clone()?).metadata()?;
+        if meta.dev() != *dev || meta.ino() != *ino || !meta.file_type().is_socket() {
+            return Err(replaced(path));
+        }
+        Ok(Some(file))
     }
 
     /// Gives the Unix socket file this listener created to the workers'
     /// user and group (`[daemon] user`/`group`), so that they can use it
     /// by path too. Nothing to do for other sockets or without `owner`.
     pub fn chown(&self, owner: Option<&Credentials>) -> Result<(), ListenError> {
-        if let (Some((path, _, _)), Some(c)) = (&self.created, owner) {
-            std::os::unix::fs::chown(path, Some(c.uid.as_raw()), Some(c.gid.as_raw())).map_err(
-                |source| ListenError::Sys {
-                    addr: self.addr.clone(),
-                    syscall: "chown",
-                    source,
-                },
-            )?;
+        let Some(c) = owner else { return Ok(()) };
+        let sys = |source| ListenError::Sys {
+            addr: self.addr.clone(),
+            syscall: "chown",
+            source,
+        };
+        if let Some(file) = self.own_file().map_err(sys)? {
+            crate::sys::chown_fd(file.as_fd(), c.uid.as_raw(), c.gid.as_raw()).map_err(sys)?;
         }
         Ok(())
     }
@@ -411,16 +433,24 @@ impl Listener {
     /// the same file (not one that somebody else bound since).
     pub fn remove_file(&mut self) {
         if let Some((path, dev, ino)) = self.created.take() {
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.dev() == dev && m.ino() == ino => {
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        log::warn!("cannot remove socket file {}: {e}", path.display());
-                    }
-                }
-                _ => {}
+            // Relative to the directory's descriptor, no symlink followed:
+            // only the entry that is still our socket goes.
+            if let Err(e) = crate::sys::unlink_if_same(&path, dev, ino) {
+                log::warn!("cannot remove socket file {}: {e}", path.display());
             }
         }
     }
+}
+
+/// The error for a socket file that is not the one preforkd bound.
+fn replaced(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{} is no longer the socket preforkd bound (replaced, or now a symlink): left alone; restart preforkd to bind it again",
+            path.display()
+        ),
+    )
 }
 
 /// A Unix socket path that exists is probed with connect(): refused means a

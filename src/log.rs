@@ -37,11 +37,20 @@
 //! Reopening (SIGUSR1, for logrotate): the signal handler only calls
 //! [`request_reopen`]; the next record written, in whatever thread, reopens
 //! the target first ([`reopen`] does it at once, for the master's loop).
+//! A log file is opened by the master only (O_NOFOLLOW: a symlink in its
+//! place is refused): on SIGUSR1 it opens the new file and queues its
+//! descriptor for every child on a socket pair made at [`configure`]
+//! ([`hand_out_reopened`]), then signals them; a worker's reopen takes the
+//! descriptor from there. So workers that dropped to `[daemon] user` follow
+//! the rotation of a `root:root 0640` file, and the file stays root's
+//! (nginx's master opens the files for its workers in the same spirit;
+//! chowning the file to the workers' user, as nginx also does, would let
+//! them rewrite the log).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -57,6 +66,9 @@ const TAG: &str = "preforkd";
 
 /// Set by SIGUSR1 (async-signal-safe), consumed by the next write.
 static REOPEN: AtomicBool = AtomicBool::new(false);
+/// Set by [`after_fork`]: this process is a worker (or the metrics child),
+/// which takes reopened files from the master.
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
 
 /// Records this process could not write since the last one that got through.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -153,12 +165,23 @@ pub fn configure(config: &LogConfig) -> Result<(), LogError> {
                 path: path.to_owned(),
                 source,
             })?;
+            let (handoff, warning) = match Handoff::new() {
+                Ok(h) => (Some(h), None),
+                Err(e) => (
+                    None,
+                    Some(format!(
+                        "log: socketpair() failed: {e}; workers will reopen {} by path, which fails if they cannot open it",
+                        path.display()
+                    )),
+                ),
+            };
             (
                 Sink::File(FileSink {
                     path: path.to_owned(),
                     file,
+                    handoff,
                 }),
-                None,
+                warning,
             )
         }
         LogTarget::Syslog => match SyslogSink::new(config) {
@@ -183,7 +206,11 @@ pub fn configure(config: &LogConfig) -> Result<(), LogError> {
 /// open when it closes the master's.
 pub fn fds() -> Vec<RawFd> {
     match lock().as_ref() {
-        Some(Sink::File(f)) => vec![f.file.as_raw_fd()],
+        Some(Sink::File(f)) => {
+            let mut fds = vec![f.file.as_raw_fd()];
+            fds.extend(f.handoff.as_ref().map(|h| h.recv.as_raw_fd()));
+            fds
+        }
         Some(Sink::Syslog(s)) => match &s.transport {
             Transport::Unix(u) => vec![u.sock.as_raw_fd()],
             Transport::Udp { sock, .. } => vec![sock.as_raw_fd()],
@@ -197,6 +224,32 @@ pub fn fds() -> Vec<RawFd> {
 /// zero (the master's are the master's to report).
 pub fn after_fork() {
     DROPPED.store(0, Ordering::Relaxed);
+    IN_CHILD.store(true, Ordering::Relaxed);
+    // Only the master hands files out.
+    if let Some(Sink::File(f)) = lock().as_mut()
+        && let Some(h) = &mut f.handoff
+    {
+        h.send = None;
+    }
+}
+
+/// In the master, after [`reopen`]: queues the log file just opened for
+/// `children` processes (one message each; stale ones from an earlier
+/// reopen are taken out first), so that each child, told by SIGUSR1,
+/// writes to the new file even if it could not open it itself. Returns how
+/// many could not be queued (the socket's buffer was full).
+pub fn hand_out_reopened(children: usize) -> usize {
+    let sink = lock();
+    let Some(Sink::File(f)) = sink.as_ref() else {
+        return 0;
+    };
+    let Some(h) = &f.handoff else { return 0 };
+    let Some(send) = &h.send else { return 0 };
+    // Messages a child never took (it logged nothing since, or exited).
+    drop(h.newest());
+    (0..children)
+        .filter(|_| crate::sys::send_fd(send.as_fd(), f.file.as_fd()).is_err())
+        .count()
 }
 
 /// Asks for the log target to be reopened before the next record.
@@ -216,6 +269,16 @@ pub fn reopen() {
 
 fn reopen_locked(sink: &mut Option<Sink>) {
     match sink {
+        // A worker takes the file its master opened: it may have dropped
+        // to a user that cannot open (or create) it, and should not need
+        // to (nginx's master opens log files for its workers the same
+        // way). Nothing queued (a SIGUSR1 sent to the worker alone): the
+        // current file stays.
+        Some(Sink::File(f)) if IN_CHILD.load(Ordering::Relaxed) && f.handoff.is_some() => {
+            if let Some(file) = f.handoff.as_ref().and_then(Handoff::newest) {
+                f.file = file;
+            }
+        }
         Some(Sink::File(f)) => match open_log_file(&f.path) {
             Ok(file) => f.file = file,
             Err(e) => {
@@ -238,12 +301,17 @@ fn reopen_locked(sink: &mut Option<Sink>) {
     }
 }
 
+/// Opens (or creates) the log file for appending. O_NOFOLLOW: the master
+/// runs as root and reopens on SIGUSR1, after start; a symlink put in the
+/// file's place (by whoever can write its directory) must not make it
+/// append to, or create, the file the link names. A log path that is a
+/// symlink is refused (ELOOP); its directories are trusted.
 fn open_log_file(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
 }
 
@@ -317,6 +385,43 @@ impl StderrSink {
 struct FileSink {
     path: PathBuf,
     file: File,
+    /// How the master gives its workers the file it reopened: a
+    /// SOCK_SEQPACKET pair made at [`configure`]. The master sends the new
+    /// descriptor on `send`, one message per child; each child, on its
+    /// reopen, takes the newest message from `recv`. None if the pair
+    /// could not be made (each process then reopens by path).
+    handoff: Option<Handoff>,
+}
+
+/// The two ends of the reopen hand-off. Workers keep only `recv`.
+struct Handoff {
+    send: Option<OwnedFd>,
+    recv: OwnedFd,
+}
+
+impl Handoff {
+    fn new() -> io::Result<Handoff> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (send, recv) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )?;
+        Ok(Handoff {
+            send: Some(send),
+            recv,
+        })
+    }
+
+    /// The newest descriptor queued, if any (older ones are closed).
+    fn newest(&self) -> Option<File> {
+        let mut newest = None;
+        while let Ok(Some(fd)) = crate::sys::recv_fd(self.recv.as_fd()) {
+            newest = Some(File::from(fd));
+        }
+        newest
+    }
 }
 
 struct SyslogSink {

@@ -6,11 +6,13 @@
 //! survives reloads and binary upgrades); no HTTP is parsed in the master.
 //!
 //! HTTP is kept minimal and bounded: one request per connection (`Connection:
-//! close`), the request head read with a 5 s timeout and at most 8 KiB,
+//! close`), the whole request head within 5 s (else 408) and at most 8 KiB,
 //! GET or HEAD of `/metrics` (a query string is ignored) answered 200, any
-//! other path 404, any other method 405, a malformed head 400. Each
-//! connection is served in a thread of its own (at most 8 at once), so a
-//! slow client delays no other scrape.
+//! other path 404, any other method 405, a malformed head 400. One thread
+//! serves every connection nonblocking from one poll(2) (at most 256; past
+//! that the oldest without a complete head is closed), so slow clients
+//! delay no scrape: a scrape is rendered and written the moment its head
+//! is in.
 //!
 //! Owns (in the child): its copy of the metrics socket and the connection
 //! it serves; the last value of each connection counter it reported.
@@ -20,9 +22,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
@@ -34,10 +34,13 @@ use crate::sys;
 
 /// Longest request head read.
 const MAX_HEAD: usize = 8 * 1024;
-/// Clients served at once, each in a thread of its own.
-const MAX_CLIENTS: usize = 8;
-/// How long a client may take to send its request, and to read the answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most clients connected at once; past it, the one connected longest
+/// without a complete head is closed.
+const MAX_CLIENTS: usize = 256;
+/// How long a client may take to send its whole request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read the whole answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the metrics child needs, taken from the master's state after fork.
 pub(crate) struct MetricsSpec<'a> {
@@ -82,109 +85,222 @@ pub(crate) fn run(spec: MetricsSpec<'_>) -> i32 {
     }
     sys::set_title("preforkd: metrics");
     let listener = std::net::TcpListener::from(spec.listener);
-    let last = Mutex::new(HashMap::new());
-    let busy = AtomicUsize::new(0);
-    let mut fds = [
-        nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
-        nix::poll::PollFd::new(sys::shutdown_fd(), nix::poll::PollFlags::POLLIN),
-    ];
-    std::thread::scope(|scope| {
-        while !sys::shutdown_requested() {
-            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    log::error!("metrics: poll() failed: {e}");
-                    return code::SETUP_ERROR;
-                }
-            }
-            if sys::shutdown_requested() {
-                break;
-            }
-            let (stream, peer) = match listener.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    log::warn!("metrics: accept() failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            let (stats, board, last) = (spec.stats, spec.board, &last);
-            let job = move |stream| {
-                if let Err(e) = serve(stream, stats, board, last) {
-                    log::debug!("metrics: {peer}: {e}");
-                }
-            };
-            // A slow client gets a thread of its own, so that it delays no
-            // other scrape; past MAX_CLIENTS they wait their turn.
-            let busy = &busy;
-            if busy.fetch_add(1, Ordering::SeqCst) < MAX_CLIENTS {
-                let spawned = std::thread::Builder::new()
-                    .name("scrape".into())
-                    .spawn_scoped(scope, move || {
-                        job(stream);
-                        busy.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if let Err(e) = spawned {
-                    busy.fetch_sub(1, Ordering::SeqCst);
-                    log::warn!("metrics: cannot start a thread: {e}");
-                }
-            } else {
-                job(stream);
-                busy.fetch_sub(1, Ordering::SeqCst);
-            }
+    match serve_all(&listener, spec.stats, spec.board) {
+        Ok(()) => code::OK,
+        Err(e) => {
+            log::error!("metrics: poll() failed: {e}");
+            code::SETUP_ERROR
         }
-        code::OK
-    })
+    }
 }
 
-/// Answers one request.
-fn serve(
-    mut stream: TcpStream,
+/// One client connection, served by the event loop.
+struct Conn {
+    stream: TcpStream,
+    /// The request head read so far.
+    head: Vec<u8>,
+    /// The answer, once the head is complete; `sent` bytes of it written.
+    out: Option<Vec<u8>>,
+    sent: usize,
+    /// When the client is dropped: [`HEAD_TIMEOUT`] after accept for the
+    /// whole head, then [`WRITE_TIMEOUT`] for the whole answer.
+    deadline: Instant,
+    /// When it was accepted (the oldest is evicted at the cap).
+    since: Instant,
+}
+
+/// The event loop: accepts, reads heads, writes answers, all nonblocking in
+/// one thread, each client with a deadline for its whole head and then for
+/// its whole answer. Rendering takes well under a millisecond, so a scrape
+/// waits for nobody; a slow client costs a descriptor and a buffer, and at
+/// [`MAX_CLIENTS`] the one connected longest without a request gives way.
+fn serve_all(
+    listener: &std::net::TcpListener,
     stats: &Stats,
     board: &Scoreboard,
-    last: &Mutex<HashMap<String, u64>>,
 ) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let complete = loop {
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break true;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    listener.set_nonblocking(true)?;
+    let mut last = HashMap::new();
+    let mut conns: Vec<Conn> = Vec::new();
+    while !sys::shutdown_requested() {
+        let now = Instant::now();
+        // The nearest deadline, rounded up so that it has passed on waking.
+        let timeout = conns
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(now).as_millis() + 1)
+            .min()
+            .map_or(PollTimeout::NONE, |ms| {
+                PollTimeout::from(ms.min(60_000) as u16)
+            });
+        let mut fds = vec![
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sys::shutdown_fd(), PollFlags::POLLIN),
+        ];
+        for c in &conns {
+            let ev = if c.out.is_some() {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            fds.push(PollFd::new(c.stream.as_fd(), ev));
         }
-        if head.len() >= MAX_HEAD {
-            break false;
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break false;
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if sys::shutdown_requested() {
+            break;
         }
-        head.extend_from_slice(&buf[..n]);
-    };
-    let (status, body) = match parse_request(&head, complete) {
-        Err(status) => (status, format!("{}\n", reason(status))),
+        // Clients first (poll's entries 2.. are theirs, in order), then new
+        // ones.
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(conns.len());
+        for (c, ready) in conns.iter_mut().zip(&ready[2..]) {
+            let alive = !*ready || step(c, stats, board, &mut last);
+            if alive && now >= c.deadline && c.out.is_none() {
+                // The whole head did not come in time: say so, if the
+                // client still listens; never wait for it.
+                let _ = c.stream.write(&respond(408, "Request Timeout\n", true));
+            }
+            keep.push(alive && now < c.deadline);
+        }
+        let mut keep = keep.into_iter();
+        conns.retain(|_| keep.next().unwrap_or(true));
+        if ready[0] {
+            accept_all(listener, &mut conns);
+        }
+    }
+    Ok(())
+}
+
+/// Accepts every waiting client; at [`MAX_CLIENTS`], the client connected
+/// longest that has not sent its whole head is closed to make room (a
+/// client whose answer is being written is about to leave anyway).
+fn accept_all(listener: &std::net::TcpListener, conns: &mut Vec<Conn>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and the like leave the listener readable: pause
+                // instead of spinning; the clients held leave by their
+                // deadlines.
+                log::warn!("metrics: accept() failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        };
+        if stream.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if conns.len() >= MAX_CLIENTS {
+            let oldest = conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.out.is_none())
+                .min_by_key(|(_, c)| c.since)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    conns.swap_remove(i);
+                }
+                None => continue, // all are being answered: close this one
+            }
+        }
+        let now = Instant::now();
+        conns.push(Conn {
+            stream,
+            head: Vec::with_capacity(256),
+            out: None,
+            sent: 0,
+            deadline: now + HEAD_TIMEOUT,
+            since: now,
+        });
+    }
+}
+
+/// Reads or writes what client `c` is ready for; false when it is done
+/// (answered, or gone).
+fn step(c: &mut Conn, stats: &Stats, board: &Scoreboard, last: &mut HashMap<String, u64>) -> bool {
+    if c.out.is_none() {
+        let mut buf = [0u8; 1024];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(n) => {
+                    c.head.extend_from_slice(&buf[..n]);
+                    let complete = head_complete(&c.head);
+                    // EOF before the head's end: answer what came (400).
+                    if n == 0 || complete || c.head.len() >= MAX_HEAD {
+                        c.out = Some(answer(&c.head, complete, stats, board, last));
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        }
+        c.deadline = Instant::now() + WRITE_TIMEOUT;
+    }
+    let Some(out) = &c.out else { return true };
+    while c.sent < out.len() {
+        match c.stream.write(&out[c.sent..]) {
+            Ok(0) => return false,
+            Ok(n) => c.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+    false
+}
+
+/// Whether `head` holds a whole request head (an empty line ends it).
+pub fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The whole answer to a request head (`complete` if its end was read).
+fn answer(
+    head: &[u8],
+    complete: bool,
+    stats: &Stats,
+    board: &Scoreboard,
+    last: &mut HashMap<String, u64>,
+) -> Vec<u8> {
+    let (status, body, send_body) = match parse_request(head, complete) {
+        Err(status) => (status, format!("{}\n", reason(status)), true),
         Ok((method, path)) => {
             let path = path.split('?').next().unwrap_or("");
             if method != "GET" && method != "HEAD" {
-                (405, "method not allowed: use GET\n".to_string())
+                (405, "method not allowed: use GET\n".to_string(), true)
             } else if path != "/metrics" {
-                (404, "not found: metrics are at /metrics\n".to_string())
-            } else {
-                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-                let text = render(&stats.snapshot(), board, &mut last);
                 (
-                    200,
-                    if method == "HEAD" {
-                        String::new()
-                    } else {
-                        text
-                    },
+                    404,
+                    "not found: metrics are at /metrics\n".to_string(),
+                    true,
                 )
+            } else {
+                // HEAD announces the length a GET's body has (RFC 9110
+                // §9.3.2), so the text is rendered either way.
+                let text = render(&stats.snapshot(), board, last);
+                (200, text, method != "HEAD")
             }
         }
     };
+    respond(status, &body, send_body)
+}
+
+/// The status line, headers and (if `send_body`) the body of an answer.
+fn respond(status: u16, body: &str, send_body: bool) -> Vec<u8> {
     let content_type = if status == 200 {
         "text/plain; version=0.0.4; charset=utf-8"
     } else {
@@ -199,10 +315,10 @@ fn serve(
         out.push_str("Allow: GET, HEAD\r\n");
     }
     out.push_str("\r\n");
-    out.push_str(&body);
-    stream.write_all(out.as_bytes())?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    if send_body {
+        out.push_str(body);
+    }
+    out.into_bytes()
 }
 
 fn reason(status: u16) -> &'static str {
@@ -211,14 +327,16 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         _ => "Error",
     }
 }
 
-/// The method and target of an HTTP/1.x request head; Err(status) if it
-/// is not one.
-fn parse_request(head: &[u8], complete: bool) -> Result<(String, String), u16> {
+/// The method and target of an HTTP/1.x request head (`complete` if its
+/// end was read); Err(the HTTP status to answer) if it is not one. Pure, so
+/// that it can be fuzzed (fuzz/).
+pub fn parse_request(head: &[u8], complete: bool) -> Result<(String, String), u16> {
     if !complete {
         return Err(if head.len() >= MAX_HEAD { 431 } else { 400 });
     }

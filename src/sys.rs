@@ -700,6 +700,173 @@ pub fn spawn_program(spec: &ProgramSpawn) -> io::Result<u32> {
     Ok(pid as u32)
 }
 
+/// A path split into its directory, opened (`O_PATH|O_DIRECTORY`), and its
+/// last component, so that what follows acts on that directory entry
+/// relative to the descriptor (the `*at` calls).
+fn parent_and_name(path: &std::path::Path) -> io::Result<(OwnedFd, CString)> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let dir = nix::fcntl::open(
+        parent,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let name = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    Ok((dir, name))
+}
+
+/// An `O_PATH` descriptor of the directory entry at `path` itself: a
+/// symlink in the last component is opened as the link, never followed
+/// (open(2): `O_PATH|O_NOFOLLOW`). [`std::fs::File::from`] it and call
+/// `metadata()` to see what it is; change it with [`chown_fd`] and
+/// [`chmod_fd`], which act on that inode whatever the path names by then.
+pub fn open_entry_nofollow(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let (dir, name) = parent_and_name(path)?;
+    // SAFETY: `dir` is an open descriptor we own for the whole call and
+    // `name` a NUL-terminated string that outlives it; openat only reads
+    // them. The result is checked before it is wrapped.
+    let fd = unsafe {
+        libc::openat(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Changes the owner of the inode `fd` refers to (an `O_PATH` descriptor
+/// from [`open_entry_nofollow`] will do): fchownat(fd, "", AT_EMPTY_PATH),
+/// no path looked up.
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: `fd` is borrowed open for the call; the empty path is a
+    // static NUL-terminated string; fchownat writes no memory of ours.
+    let rc = unsafe {
+        libc::fchownat(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Changes the mode of the inode `fd` refers to. fchmod(2) refuses an
+/// `O_PATH` descriptor, and on a socket's own descriptor it would change
+/// the socket, not its file; /proc/self/fd/N names exactly the inode the
+/// descriptor holds (the kernel resolves it without a path lookup), so
+/// chmod through it cannot be redirected by a symlink.
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    std::fs::set_permissions(proc, std::fs::Permissions::from_mode(mode))
+}
+
+/// Removes the directory entry at `path` if it is still the file with
+/// this device and inode (lstat, no symlink followed, relative to the
+/// directory's descriptor: unlinkat(2)). Ok(false): something else is
+/// there now, or nothing; it is left alone.
+pub fn unlink_if_same(path: &std::path::Path, dev: u64, ino: u64) -> io::Result<bool> {
+    let (dir, name) = parent_and_name(path)?;
+    let dirfd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `dirfd` is open for the call, `name` NUL-terminated, and `st`
+    // a buffer of the right size that fstatat fills when it returns 0.
+    let rc = unsafe {
+        libc::fstatat(
+            dirfd,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: fstatat returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    if st.st_dev != dev || st.st_ino != ino {
+        return Ok(false);
+    }
+    // SAFETY: as for fstatat; unlinkat never follows a symlink, it removes
+    // the entry itself.
+    if unsafe { libc::unlinkat(dirfd, name.as_ptr(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// Sends descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS), with
+/// one byte of data; nonblocking if `sock` is.
+pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let iov = [io::IoSlice::new(b"f")];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one descriptor sent by [`send_fd`] on `sock`, close-on-exec,
+/// without waiting: Ok(None) when no message is queued.
+pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = match recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(m) => m,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut got = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel installed this descriptor in our table
+                // for this message alone; nothing else knows its number, so
+                // it is owned here (and closed if more than one came).
+                let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                got = Some(owned);
+            }
+        }
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -425,7 +425,16 @@ impl Worker<'_> {
                         ep.delete(socket.as_fd())?;
                     }
                     Err(e) => {
-                        log::warn!("worker {}: accept() failed: {e}", self.name);
+                        // Every idle thread sees the same failure on the
+                        // same listener: one line a second for them all.
+                        if let Some(more) = ACCEPT_FAILURES.note(sys::coarse_ms()) {
+                            let since = if more > 0 {
+                                format!("; {more} more since the last report")
+                            } else {
+                                String::new()
+                            };
+                            log::warn!("worker {}: accept() failed: {e}{since}", self.name);
+                        }
                         if is_resource_limit(&e) {
                             // EMFILE, ENOBUFS: do not spin on a listener we
                             // cannot serve; other workers may.
@@ -743,6 +752,51 @@ fn accept(socket: &WorkerSocket) -> io::Result<(Stream, Addr)> {
     }
 }
 
+/// accept() failures of this worker, all threads together, for
+/// [`RateLimit`].
+static ACCEPT_FAILURES: RateLimit = RateLimit::new(1000);
+
+/// A log line at most every `every_ms`, standing for the events since the
+/// last one: out of descriptors, every idle thread fails in accept every
+/// 100 ms, and a line each (220 a second) drowned the log.
+struct RateLimit {
+    every_ms: u64,
+    /// When the last line was let through (coarse ms; 0: never).
+    last: std::sync::atomic::AtomicU64,
+    /// Events not reported since.
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    const fn new(every_ms: u64) -> RateLimit {
+        RateLimit {
+            every_ms,
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event at `now_ms`; Some(events suppressed since the last
+    /// line) when this one should be logged.
+    fn note(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let last = self.last.load(SeqCst);
+        let due = last == 0 || now_ms.saturating_sub(last) >= self.every_ms;
+        // One thread wins the turn; the others count.
+        if due
+            && self
+                .last
+                .compare_exchange(last, now_ms.max(1), SeqCst, SeqCst)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, SeqCst))
+        } else {
+            self.suppressed.fetch_add(1, SeqCst);
+            None
+        }
+    }
+}
+
 /// EINVAL from accept(): the listener is no longer listening.
 fn is_listener_gone(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
@@ -763,4 +817,20 @@ fn is_client_gone(e: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn a_rate_limit_lets_one_line_a_second_through_with_the_count() {
+        let r = RateLimit::new(1000);
+        assert_eq!(r.note(5_000), Some(0));
+        assert_eq!(r.note(5_100), None);
+        assert_eq!(r.note(5_900), None);
+        assert_eq!(r.note(6_000), Some(2));
+        assert_eq!(r.note(6_001), None);
+        assert_eq!(r.note(9_000), Some(1));
+    }
 }

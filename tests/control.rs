@@ -789,3 +789,32 @@ fn without_control_socket_falls_back_to_signals() {
         show(&out)
     );
 }
+
+/// Audit row: with 200 silent connections (64 served at most, a silent one
+/// dropped after 10 s) `preforkd status` took 19.2 s. At the cap the
+/// client idle longest gives way, so the operator's `status` answers
+/// within a second.
+#[test]
+fn status_answers_with_200_silent_clients_connected() {
+    let d = Daemon::start(&config("workers = 1"));
+    d.wait_ready();
+    let path = d.path("control.sock");
+    // Nonblocking connects: past the listen queue a blocking connect would
+    // wait; those count as connected-and-silent just the same.
+    let silent: Vec<socket2::Socket> = (0..200)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&socket2::SockAddr::unix(&path).unwrap());
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    let out = run_cli(&d.path("preforkd.toml"), &["status", "--json"]);
+    let took = t.elapsed();
+    assert!(out.status.success(), "{}", show(&out));
+    eprintln!("status with 200 silent control clients: {took:?}");
+    assert!(took < Duration::from_secs(1), "status took {took:?}");
+    drop(silent);
+}

@@ -491,3 +491,47 @@ fn reload_keeps_the_target_and_says_so() {
         "the file target was not applied"
     );
 }
+
+/// Audit row: with `[daemon] user` set the log file is `root:root 0640`, so
+/// on SIGUSR1 workers that dropped privileges could not reopen it and kept
+/// writing to the rotated file. The master opens the new file and hands
+/// its descriptor to the workers: they write to the new file, and it stays
+/// root's.
+#[test]
+fn workers_of_another_user_follow_the_reopened_file() {
+    // SAFETY: geteuid(2) has no memory effects and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run workers as nobody (CI runs as root)");
+        return;
+    }
+    let d = Daemon::start(&format!(
+        "[daemon]\nuser = \"nobody\"\ngroup = \"nogroup\"\n\n[log]\ntarget = \"file\"\nfile = \"{{dir}}/out.log\"\n{}",
+        recycling_echo(1)
+    ));
+    let file = d.path("out.log");
+    let read = |p: &std::path::Path| fs::read_to_string(p).unwrap_or_default();
+    let has = |p: &std::path::Path, needle: &str| {
+        wait_for(DEADLINE, || read(p).contains(needle).then_some(()))
+            .unwrap_or_else(|| panic!("{needle:?} not in {}:\n{}", p.display(), read(p)))
+    };
+    has(&file, "INFO: ready: ");
+    let worker = d.wait_workers(1)[0];
+    let rotated = d.path("out.log.1");
+    fs::rename(&file, &rotated).unwrap();
+    d.signal(libc::SIGUSR1);
+    has(&file, "SIGUSR1: log files reopened; told 1 workers");
+    echo(&d);
+    has(
+        &file,
+        &format!("preforkd[{worker}]: INFO: worker echo#0: served 1 requests"),
+    );
+    let old = read(&rotated);
+    assert!(!old.contains("served 1 requests"), "{old}");
+    assert!(!old.contains("cannot reopen"), "{old}");
+    let meta = fs::metadata(&file).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o640),
+        "the new file is root's"
+    );
+}

@@ -506,3 +506,123 @@ fn refused_connections_bytes_and_stuck_workers_are_counted() {
         d.log_text()
     );
 }
+
+/// `HEAD /metrics` announces the length a GET's body has (RFC 9110 §9.3.2),
+/// and sends no body. Regression: it answered `Content-Length: 0`.
+#[test]
+fn head_announces_the_length_of_the_get_body() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    wait_scrape(&d, &url, "the worker idle", |s| {
+        get(s, "preforkd_workers", "service=echo,state=idle") == 1.0
+    });
+    let length = |head: &str| -> usize {
+        head.lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap_or_else(|| panic!("no Content-Length in {head:?}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Nothing happens between the requests, so the text is the same
+    // (its length, at least); one retry in case a counter moved.
+    let ok = (0..3).any(|_| {
+        let (_, get_head, get_body) = http("GET", &url);
+        let (code, head, body) = http("HEAD", &url);
+        assert_eq!(code, 200, "{head}");
+        assert!(body.is_empty(), "HEAD sent a body: {body:?}");
+        assert_eq!(length(&get_head), get_body.len());
+        length(&head) == get_body.len()
+    });
+    assert!(ok, "HEAD's Content-Length is not the GET body's length");
+}
+
+/// Connects `n` clients to `hostport` that send part of a request head and
+/// then nothing more.
+fn slow_clients(hostport: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = connect(hostport.parse().unwrap()).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Audit row: 12 clients sending a byte every 3 s held the endpoint (a
+/// read timeout per read, 8 threads, the rest served in line): a real
+/// scrape timed out at 20 s. With 100 slow-header clients connected, a
+/// scrape answers within a second.
+#[test]
+fn slow_header_clients_do_not_delay_a_scrape() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let (code, _) = get_url(&url);
+    assert_eq!(code, 200);
+    let slow = slow_clients(&hostport, 100);
+    let t = std::time::Instant::now();
+    let (code, _) = get_url(&url);
+    let took = t.elapsed();
+    assert_eq!(code, 200);
+    eprintln!("a scrape with 100 slow-header clients connected: {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the scrape took {took:?}"
+    );
+    drop(slow);
+}
+
+/// The request head has one deadline for the whole of it: a client that
+/// trickles a byte every 200 ms (each read well within any per-read
+/// timeout) is answered 408 and closed once the deadline passes.
+#[test]
+fn a_trickling_client_is_closed_at_the_head_deadline() {
+    let echo = service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1");
+    let d = Daemon::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n\n{echo}"));
+    d.wait_ready();
+    let url = metrics_url(&d);
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut s = connect(hostport.parse().unwrap()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut got = Vec::new();
+    let closed = loop {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "still open after 30 s, got {got:?}"
+        );
+        if s.write_all(b"X-Slow: a\r\n").is_err() {
+            break true;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(closed);
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408 "),
+        "{text}"
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+}

@@ -199,3 +199,49 @@ fn a_worker_that_cannot_drop_fails_to_boot_with_the_reason() {
         "failed to boot: cannot drop privileges to user \"nobody\" (uid 65534, gid 65534): setgroups failed: EPERM",
     );
 }
+
+/// Audit row: the Unix socket file belongs to the workers' user, who can
+/// replace it with a symlink; the next reload chmod'ed and chown'ed the
+/// link's target (a root 0600 file became `nobody:nogroup`). The master
+/// now acts only on the socket file it bound (same device and inode, no
+/// symlink followed) and leaves anything else alone, saying so.
+#[test]
+fn a_reload_does_not_follow_a_symlink_planted_for_the_socket_file() {
+    require_root!();
+    let dir = tempdir();
+    // A directory of the workers' user, as /run/app often is.
+    let sockdir = dir.path().join("sockets");
+    std::fs::create_dir(&sockdir).unwrap();
+    std::os::unix::fs::chown(&sockdir, Some(65534), Some(65534)).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root only\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sock = sockdir.join("echo.sock");
+    let cfg =
+        config(&["unix:{dir}/sockets/echo.sock"]).replace("{dir}", dir.path().to_str().unwrap());
+    let path = dir.path().join("preforkd.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("-c").arg(&path);
+    let d = Daemon::spawn(cmd, dir, &[]);
+    d.wait_ready();
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "the socket file is the workers'"
+    );
+    // The workers' user swaps the socket file for a link to the secret.
+    std::fs::remove_file(&sock).unwrap();
+    std::os::unix::fs::symlink(&secret, &sock).unwrap();
+    let out = cli(&d, &["reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let m = std::fs::metadata(&secret).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (0, 0, 0o600),
+        "the reload changed the link's target; log:\n{}",
+        d.log_text()
+    );
+    d.wait_log("is no longer the socket preforkd bound");
+}

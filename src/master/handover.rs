@@ -437,16 +437,36 @@ pub(super) fn write_pid_file(path: Option<&std::path::Path>, pid: Pid) -> Result
     // Written whole to a temporary name, then renamed: a reader never sees
     // it empty or half-written, which matters when a new master takes it
     // over.
+    // The temporary file is created new (O_EXCL, which never follows a
+    // symlink, and O_NOFOLLOW): a link planted under that name by whoever
+    // can write the directory fails the write instead of making root write
+    // through it. rename(2) replaces the entry itself, never a link's target.
     let tmp = path.with_extension(format!("tmp.{pid}"));
-    std::fs::write(&tmp, format!("{pid}\n"))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            MasterError::PidFile {
-                path: path.to_owned(),
-                source,
-            }
-        })
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // A leftover of a master that died with this pid: an entry, removed
+        // (unlink does not follow a link either).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(format!("{pid}\n").as_bytes())?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        MasterError::PidFile {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Locks the pid file just written (a new inode: the lock taken at start,
@@ -455,9 +475,11 @@ pub(super) fn write_pid_file(path: Option<&std::path::Path>, pid: Pid) -> Result
 pub(super) fn lock_pid_file(
     path: Option<&std::path::Path>,
 ) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = path?;
     let file = std::fs::OpenOptions::new()
         .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| log::warn!("cannot open pid file {} to lock it: {e}", path.display()))
         .ok()?;

@@ -528,6 +528,13 @@ impl Master {
     /// SIGUSR1: reopen the log target here and in every worker.
     fn reopen_logs(&mut self) {
         crate::log::reopen();
+        // Children may run as another user: they take the new file from
+        // us instead of opening it (log.rs).
+        let children = self.children.len() + usize::from(self.metrics.pid.is_some());
+        let missed = crate::log::hand_out_reopened(children);
+        if missed > 0 {
+            log::warn!("SIGUSR1: the new log file could not be handed to {missed} workers");
+        }
         // Signalled before the line is written: whoever reads it knows
         // every worker has the request pending.
         for pid in self.children.keys().chain(&self.metrics.pid) {
