@@ -519,7 +519,7 @@ fn workers_of_another_user_follow_the_reopened_file() {
     let rotated = d.path("out.log.1");
     fs::rename(&file, &rotated).unwrap();
     d.signal(libc::SIGUSR1);
-    has(&file, "SIGUSR1: log files reopened; told 1 workers");
+    has(&file, "SIGUSR1: log files reopened; told 1 worker");
     echo(&d);
     has(
         &file,
