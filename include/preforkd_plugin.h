@@ -6,7 +6,9 @@
  *     const struct preforkd_plugin *preforkd_plugin_entry(void);
  *
  * preforkd loads it in each worker, after fork, and also in `preforkd
- * check` (to validate the symbol and the ABI version). So the entry
+ * check` (to validate the symbol and the ABI version; check reads the
+ * symbol from the file's ELF dynamic symbol table, then loads the library
+ * in a child running as the workers' user, never as root). So the entry
  * function MUST only return a pointer to a static table: no allocation, no
  * I/O, no other side effect. Library constructors run in both places too:
  * do not use them. All work starts in init().
@@ -22,8 +24,10 @@
  *     path = "/usr/lib/preforkd/plugins/libfoo.so"   # absolute
  *     banner = "hello"                                # the plugin's own keys
  *
- * The library file and its directory must not be writable by group or
- * others (as sshd's StrictModes), or the worker refuses to load it.
+ * The library file and every directory up to / (as named and behind
+ * symlinks) must be owned by root or the master's user and not be writable
+ * by group or others (as sshd's StrictModes, no exception for sticky
+ * directories such as /tmp), or the worker refuses to load it.
  */
 #ifndef PREFORKD_PLUGIN_H
 #define PREFORKD_PLUGIN_H

@@ -210,7 +210,8 @@ pub fn check_plugins(resolved: &Resolved) -> Result<(), ConfigError> {
             svc.name.get_ref().as_str(),
             &svc.handler.options,
             svc.graceful_timeout,
-        );
+        )
+        .with_credentials(config.daemon.credentials.as_ref());
         if let Err(message) = check(&ctx) {
             let plugin = svc.handler.plugin.get_ref();
             let message = message.replace('\n', " ");

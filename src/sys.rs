@@ -410,7 +410,10 @@ pub fn remove_env(names: &[&str]) -> io::Result<()> {
 /// gid, then the uid (the only order that works: each step needs the
 /// privilege the next one removes). Then checks the result, and that root
 /// cannot be regained. `user` only names the user in messages. Returns the
-/// reason on failure, for the worker's `error:` message.
+/// reason on failure, for the worker's `error:` message. Clears the
+/// inheritable and ambient capability sets first (they survive setuid), and
+/// for a non-root user checks that no capability set is left (CapInh,
+/// CapPrm, CapEff, CapAmb of /proc/self/status).
 pub fn drop_privileges(
     user: &str,
     uid: nix::unistd::Uid,
@@ -427,6 +430,12 @@ pub fn drop_privileges(
         };
         format!("cannot drop privileges to {who}: {step} failed: {e}{hint}")
     };
+    // Inheritable and ambient capabilities survive setuid (systemd's
+    // AmbientCapabilities= puts them there): cleared first, while lowering
+    // them is still allowed whatever the rest of the state.
+    clear_inheritable_capabilities().map_err(|e| {
+        format!("cannot drop privileges to {who}: clearing the inheritable and ambient capabilities failed: {e}")
+    })?;
     nix::unistd::setgroups(groups).map_err(|e| fail("setgroups", e))?;
     nix::unistd::setgid(gid).map_err(|e| fail("setgid", e))?;
     nix::unistd::setuid(uid).map_err(|e| fail("setuid", e))?;
@@ -453,8 +462,122 @@ pub fn drop_privileges(
                 "dropped privileges to {who}, but setgid(0) still succeeds"
             ));
         }
+        let left = capabilities_left();
+        if let Some((set, mask)) = left {
+            return Err(format!(
+                "dropped privileges to {who}, but capability set {set} is still {mask:016x}"
+            ));
+        }
     }
     Ok(())
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: one of the two 32-bit halves.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, in two halves.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// This thread's capability sets, from capget(2).
+fn capget() -> io::Result<[CapData; 2]> {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and data are valid, writable and of the layout the
+    // kernel expects for version 3 (two data structs).
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(data)
+}
+
+/// Clears the ambient set (prctl PR_CAP_AMBIENT_CLEAR_ALL) and the
+/// inheritable set (capset), keeping the effective and permitted sets.
+fn clear_inheritable_capabilities() -> io::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers; the unused
+    // arguments must be zero.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    // EINVAL: a kernel without ambient capabilities (before 4.3), which
+    // has none to clear.
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    let mut data = capget()?;
+    if data.iter().all(|d| d.inheritable == 0) {
+        return Ok(());
+    }
+    for d in &mut data {
+        d.inheritable = 0;
+    }
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: as in capget; the kernel only reads data. Lowering the
+    // inheritable set needs no privilege.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The first of CapInh, CapPrm, CapEff, CapAmb that is not empty, and its
+/// mask: from /proc/self/status, or capget(2) (no ambient set) without
+/// /proc.
+fn capabilities_left() -> Option<(&'static str, u64)> {
+    const SETS: [&str; 4] = ["CapInh", "CapPrm", "CapEff", "CapAmb"];
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let Some(set) = SETS.iter().find(|s| **s == key) else {
+                continue;
+            };
+            let mask = u64::from_str_radix(value.trim(), 16).unwrap_or(u64::MAX);
+            if mask != 0 {
+                return Some((set, mask));
+            }
+        }
+        return None;
+    }
+    let data = capget().ok()?;
+    let join = |f: fn(&CapData) -> u32| u64::from(f(&data[0])) | (u64::from(f(&data[1])) << 32);
+    [
+        ("CapInh", join(|d| d.inheritable)),
+        ("CapPrm", join(|d| d.permitted)),
+        ("CapEff", join(|d| d.effective)),
+    ]
+    .into_iter()
+    .find(|(_, m)| *m != 0)
 }
 
 // ---------------------------------------------------------------------------

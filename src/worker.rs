@@ -74,6 +74,8 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         log::error!("worker {name}: close_range() failed: {e}");
         return code::SETUP_ERROR;
     }
+    // The master's uid, which may own a plugin's library besides root.
+    let master_uid = nix::unistd::Uid::current();
     // Before the parent-death signal is set: changing credentials clears it.
     // Before the plugin: it must never run with the master's privileges.
     if let Some(creds) = spec.credentials
@@ -111,7 +113,8 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         spec.service.name.get_ref().as_str(),
         &spec.service.handler.options,
         spec.service.graceful_timeout,
-    );
+    )
+    .with_trusted_uid(master_uid);
     let handlers = match catch_unwind(AssertUnwindSafe(|| (spec.plugin.factory)(&ctx))) {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => return boot_failed(spec.ready, &reason),

@@ -35,9 +35,20 @@ fn cc(dir: &Path, src: &str, name: &str, defines: &[&str]) -> PathBuf {
     out
 }
 
+/// A temp dir for libraries, mode 0755 under target/tmp: the owner rule
+/// refuses /tmp (world-writable, sticky or not) anywhere on the path.
+fn libdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("pfdlib")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("tempdir in target/tmp");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// The test plugin, in a private temp dir that the caller keeps alive.
 fn test_plugin(defines: &[&str]) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(
         dir.path(),
         "tests/dylib/test_plugin.c",
@@ -78,7 +89,7 @@ fn menu_config(lib: &Path) -> String {
 
 #[test]
 fn c_menu_plugin_dialogue_over_tcp_and_unix() {
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(dir.path(), "examples/dylib/menu.c", "libmenu.so", &[]);
     let d = Daemon::start(&menu_config(&lib));
     d.wait_ready();
@@ -93,7 +104,7 @@ fn c_menu_plugin_dialogue_over_tcp_and_unix() {
 
 #[test]
 fn c_menu_plugin_closes_a_waiting_caller_on_stop() {
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(dir.path(), "examples/dylib/menu.c", "libmenu.so", &[]);
     let mut d = Daemon::start(&menu_config(&lib));
     d.wait_ready();
@@ -334,7 +345,7 @@ fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
 
 #[test]
 fn c_echo_plugin_echoes_streams_and_datagrams() {
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(dir.path(), "examples/dylib/echo.c", "libecho.so", &[]);
     let d = Daemon::start(&dylib_service(
         &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
@@ -356,7 +367,7 @@ fn c_echo_plugin_echoes_streams_and_datagrams() {
 
 #[test]
 fn a_library_without_a_datagram_callback_cannot_serve_udp() {
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(dir.path(), "examples/dylib/menu.c", "libmenu.so", &[]);
     let config = dylib_service(&["udp://127.0.0.1:0"], "", &lib, "");
     assert_boot_fails(&config, "built no datagram handler");
@@ -366,7 +377,7 @@ fn a_library_without_a_datagram_callback_cannot_serve_udp() {
 fn a_reload_picks_up_a_changed_library_file() {
     // An installer replaces the file at the same path (a new file renamed
     // over the old one); the config does not change.
-    let dir = tempdir();
+    let dir = libdir();
     let lib = cc(dir.path(), "examples/dylib/echo.c", "libplugin.so", &[]);
     let d = Daemon::start(&dylib_service(
         &["tcp://127.0.0.1:0", "udp://127.0.0.1:0"],
@@ -399,4 +410,98 @@ fn a_reload_picks_up_a_changed_library_file() {
         "the reloaded workers still run the old library"
     );
     d.wait_log("test plugin initialised");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no memory effects and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Issue 15 item 2: a library, or a directory above it (as named or behind
+/// a symlink), owned by someone other than root or the master's user
+/// (here: the workers' user, nobody) is refused by check and at boot.
+#[test]
+fn a_library_or_directory_owned_by_another_user_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: chown to nobody needs root (CI runs the tests as root)");
+        return;
+    }
+    let (_dir, lib) = test_plugin(&[]);
+    std::os::unix::fs::chown(&lib, Some(65534), Some(65534)).unwrap();
+    let config = dylib_service(&["tcp://127.0.0.1:0"], "", &lib, "");
+    let reason = format!("library {} is owned by uid 65534", lib.display());
+    assert_check_fails(&config, &reason);
+    assert_check_fails(&config, "run chown root:root");
+    assert_boot_fails(&config, &reason);
+
+    // Root's library in a directory that nobody owns.
+    let top = libdir();
+    let sub = top.path().join("theirs");
+    std::fs::create_dir(&sub).unwrap();
+    let lib = cc(&sub, "tests/dylib/test_plugin.c", "libtest.so", &[]);
+    std::os::unix::fs::chown(&sub, Some(65534), Some(65534)).unwrap();
+    let config = dylib_service(&["tcp://127.0.0.1:0"], "", &lib, "");
+    let reason = format!("directory {} is owned by uid 65534", sub.display());
+    assert_check_fails(&config, &reason);
+    assert_boot_fails(&config, &reason);
+
+    // The same reached through a symlink in a good directory.
+    let good = libdir();
+    let link = good.path().join("libtest.so");
+    std::os::unix::fs::symlink(&lib, &link).unwrap();
+    let config = dylib_service(&["tcp://127.0.0.1:0"], "", &link, "");
+    assert_check_fails(&config, &reason);
+}
+
+/// /tmp is world-writable (sticky): no exception, as in sshd.
+#[test]
+fn a_library_under_tmp_is_refused() {
+    let dir = tempdir();
+    let lib = cc(dir.path(), "tests/dylib/test_plugin.c", "libtest.so", &[]);
+    let config = dylib_service(&["tcp://127.0.0.1:0"], "", &lib, "");
+    assert_check_fails(&config, "directory /tmp is writable by group or others");
+}
+
+/// Issue 15 item 2: `check` (root, as ExecStartPre) must not run the
+/// library's code as root: its constructor runs as the workers' user, or
+/// nobody without one.
+#[test]
+fn check_never_runs_library_code_as_root() {
+    if !is_root() {
+        eprintln!("skipped: the check-as-root test needs root (CI runs the tests as root)");
+        return;
+    }
+    let markers = tempdir();
+    std::fs::set_permissions(markers.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    for (daemon, uid) in [("[daemon]\nuser = \"nobody\"\n", "65534"), ("", "65534")] {
+        let marker = markers.path().join(format!("marker{}", daemon.len()));
+        let define = format!("-DCONSTRUCTOR_MARKER=\"{}\"", marker.display());
+        let (_dir, lib) = test_plugin(&[define.as_str()]);
+        let dir = tempdir();
+        let path = dir.path().join("p.toml");
+        let text = format!(
+            "{daemon}{}",
+            dylib_service(&["tcp://127.0.0.1:0"], "", &lib, "")
+        )
+        .replace("{dir}", dir.path().to_str().unwrap());
+        std::fs::write(&path, text).unwrap();
+        let out = run_cli(&path, &["check"]);
+        assert!(out.status.success(), "{}", show(&out));
+        let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+        assert_eq!(
+            ran.lines().collect::<Vec<_>>(),
+            vec![uid],
+            "the constructor ran as these uids ({daemon:?})"
+        );
+    }
+    // A wrong ABI version is still found, by the child.
+    let (_dir, lib) = test_plugin(&["-DTEST_ABI=99"]);
+    let config = format!(
+        "[daemon]\nuser = \"nobody\"\n{}",
+        dylib_service(&["tcp://127.0.0.1:0"], "", &lib, "")
+    );
+    assert_check_fails(
+        &config,
+        "has ABI version 99, this preforkd speaks version 1",
+    );
 }

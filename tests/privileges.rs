@@ -245,3 +245,67 @@ fn a_reload_does_not_follow_a_symlink_planted_for_the_socket_file() {
     );
     d.wait_log("is no longer the socket preforkd bound");
 }
+
+/// The CapInh/CapPrm/CapEff/CapAmb masks of /proc/PID/status.
+fn capabilities(pid: i32) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"]
+        .iter()
+        .map(|name| {
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
+            (name.to_string(), u64::from_str_radix(v.trim(), 16).unwrap())
+        })
+        .collect()
+}
+
+/// systemd's AmbientCapabilities= puts capabilities in the inheritable
+/// and ambient sets, which setuid alone does not clear: a master started
+/// with them (here by capsh) has workers with none at all.
+#[test]
+fn workers_drop_inheritable_and_ambient_capabilities() {
+    require_root!();
+    let capsh = ["/usr/sbin/capsh", "/sbin/capsh", "/usr/bin/capsh"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(capsh) = capsh else {
+        eprintln!("skipped: needs capsh (package libcap2-bin)");
+        return;
+    };
+    let dir = tempdir();
+    let path = dir.path().join("preforkd.toml");
+    std::fs::write(
+        &path,
+        config(&["tcp://127.0.0.1:0"]).replace("{dir}", dir.path().to_str().unwrap()),
+    )
+    .unwrap();
+    let mut cmd = Command::new(capsh);
+    cmd.args([
+        "--inh=cap_net_bind_service",
+        "--addamb=cap_net_bind_service",
+        "--",
+        "-c",
+        r#"exec "$0" -c "$1""#,
+    ])
+    .arg(bin())
+    .arg(&path);
+    let d = Daemon::spawn(cmd, dir, &[]);
+    d.wait_ready();
+    // The master really has them (else the test proves nothing).
+    let master = capabilities(d.pid());
+    assert!(
+        master[0].1 != 0 && master[3].1 != 0,
+        "capsh gave the master no inheritable/ambient set: {master:?}"
+    );
+    for w in d.wait_workers(2) {
+        let caps = capabilities(w);
+        assert!(
+            caps.iter().all(|(_, m)| *m == 0),
+            "worker {w} keeps capabilities {caps:?}; log:\n{}",
+            d.log_text()
+        );
+    }
+    echo_once(d.addr("tcp", "echo"), b"no capabilities\n").unwrap();
+}

@@ -4,9 +4,17 @@
 //! header, so that a Rust `cdylib` can be a plugin too (see
 //! `examples/dylib/menu_dylib.rs`).
 //!
-//! The library must be an absolute path, and neither it nor its directory
-//! may be writable by group or others (sshd's StrictModes rule): whoever
-//! can write it runs code as the worker.
+//! The library must be an absolute path, and it and every directory up to
+//! `/` (as named and behind symlinks) must be owned by root or the master's
+//! user and not writable by group or others (sshd's StrictModes rule, with
+//! no exception for sticky directories such as /tmp): whoever can write it
+//! runs code as the worker.
+//!
+//! `preforkd check` runs as root (the unit's ExecStartPre) but never runs
+//! the library's code as root: it reads the entry symbol from the file's
+//! dynamic symbol table, then loads the library in a child that has
+//! dropped to the workers' credentials (`[daemon] user`, else `nobody`),
+//! which reports the ABI version and table check over a pipe.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::io;
@@ -184,8 +192,10 @@ static HOST: Host = Host {
 
 const OPTION_PATH: &str = "path";
 
-/// The `path` option, checked: absolute, a regular file, neither it nor its
-/// directory writable by group or others.
+/// The `path` option, checked: absolute, a regular file, and it and every
+/// directory up to `/` (along the path as named and along its real path)
+/// owned by root or [`PluginContext::trusted_uid`] and not writable by
+/// group or others (sshd's StrictModes rule).
 fn library_path(ctx: &PluginContext<'_>) -> Result<PathBuf, String> {
     let path = match ctx.options.get(OPTION_PATH) {
         Some(toml::Value::String(s)) => PathBuf::from(s),
@@ -213,23 +223,48 @@ fn library_path(ctx: &PluginContext<'_>) -> Result<PathBuf, String> {
             real.display()
         ));
     }
-    strict_mode(&real, "library")?;
-    let mut dirs = vec![real.parent().map(Path::to_path_buf)];
-    dirs.push(path.parent().map(Path::to_path_buf));
-    for dir in dirs.into_iter().flatten() {
-        strict_mode(&dir, "directory")?;
+    let trusted = ctx.trusted_uid.as_raw();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in [&path, &real] {
+        strict_mode(p, "library", trusted)?;
+        for dir in p.ancestors().skip(1) {
+            if seen.insert(dir.to_path_buf()) {
+                strict_mode(dir, "directory", trusted)?;
+            }
+        }
     }
     Ok(path)
 }
 
-/// Refuses `p` if group or others may write it.
-fn strict_mode(p: &Path, what: &str) -> Result<(), String> {
+/// Refuses `p` (followed if a link) unless root or `trusted` owns it and
+/// neither group nor others may write it. No exception for sticky
+/// directories such as /tmp (nor does sshd make one): whoever may create
+/// files in a directory may put a library there before the admin does.
+fn strict_mode(p: &Path, what: &str, trusted: u32) -> Result<(), String> {
     let meta = std::fs::metadata(p)
         .map_err(|e| format!("plugin \"dylib\": {what} {}: {e}", p.display()))?;
+    let owner = meta.uid();
+    if owner != 0 && owner != trusted {
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+            .ok()
+            .flatten()
+            .map(|u| format!(" ({})", u.name))
+            .unwrap_or_default();
+        let allowed = if trusted == 0 {
+            "root".to_string()
+        } else {
+            format!("root or the master's uid {trusted}")
+        };
+        return Err(format!(
+            "plugin \"dylib\": refusing to load: {what} {} is owned by uid {owner}{name}, not {allowed}; run chown root:root {} (whoever owns it runs code as the workers)",
+            p.display(),
+            p.display()
+        ));
+    }
     let mode = meta.mode();
     if mode & 0o022 != 0 {
         return Err(format!(
-            "plugin \"dylib\": refusing to load: {what} {} is writable by group or others (mode {:o}); run chmod go-w on it",
+            "plugin \"dylib\": refusing to load: {what} {} is writable by group or others (mode {:o}); run chmod go-w on it, or install the library in a directory only root can write",
             p.display(),
             mode & 0o7777
         ));
@@ -404,11 +439,312 @@ fn build(ctx: &PluginContext<'_>) -> Result<Handlers, String> {
     Ok(handlers)
 }
 
+/// `preforkd check`: the path rules, the entry symbol read from the file's
+/// dynamic symbol table (no code runs), then the library loaded in a child
+/// that first drops to the workers' credentials when run as root
+/// (`[daemon] user`, else `nobody`), which reports what the worker would
+/// (the ABI version, the table) over a pipe. Plugin code never runs as root
+/// here.
 fn check(ctx: &PluginContext<'_>) -> Result<(), String> {
     let path = library_path(ctx)?;
-    load(&path)?;
     options_json(ctx)?;
-    Ok(())
+    let shown = path.display();
+    match elf::exports(&path, ENTRY_SYMBOL) {
+        Ok(Some(true)) | Ok(None) => {}
+        Ok(Some(false)) => {
+            return Err(format!(
+                "plugin \"dylib\": {shown} has no symbol {ENTRY_SYMBOL} (not in its dynamic symbol table); is it a preforkd plugin?"
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "plugin \"dylib\": cannot load {shown}: {e}; give the path of a shared library built against include/preforkd_plugin.h"
+            ));
+        }
+    }
+    let creds = if nix::unistd::Uid::effective().is_root() {
+        Some(match ctx.credentials {
+            Some(c) => c.clone(),
+            None => nobody()?,
+        })
+    } else {
+        None
+    };
+    load_in_child(&path, creds.as_ref())
+}
+
+/// `nobody`, for a check as root with no `[daemon] user`.
+fn nobody() -> Result<crate::config::Credentials, String> {
+    let user = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            "plugin \"dylib\": check runs as root and there is no [daemon] user, nor a user \"nobody\" to load the library as; set [daemon] user".to_string()
+        })?;
+    Ok(crate::config::Credentials {
+        user: user.name,
+        uid: user.uid,
+        gid: user.gid,
+        groups: vec![user.gid],
+    })
+}
+
+/// How long the check's child may take to load the library.
+const CHILD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Loads `path` in a forked child, after dropping to `creds` if given; the
+/// child writes "ok" or the error over a pipe and exits.
+fn load_in_child(path: &Path, creds: Option<&crate::config::Credentials>) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let shown = path.display();
+    let as_user = creds
+        .map(|c| format!(" as user {:?}", c.user))
+        .unwrap_or_default();
+    let (rd, wr) = nix::unistd::pipe()
+        .map_err(|e| format!("plugin \"dylib\": cannot check {shown}: pipe: {e}"))?;
+    // SAFETY: `preforkd check` is single-threaded; the child only drops
+    // privileges, loads the library, writes to the pipe and _exits.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(format!("plugin \"dylib\": cannot check {shown}: fork: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(rd);
+            let result = match creds {
+                Some(c) => sys::drop_privileges(&c.user, c.uid, c.gid, &c.groups),
+                None => Ok(()),
+            }
+            .and_then(|()| load(path).map(drop));
+            let msg = match result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e,
+            };
+            let _ = std::fs::File::from(wr).write_all(msg.as_bytes());
+            // SAFETY: _exit ends the child without running the parent's
+            // atexit handlers or the library's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(wr);
+            let deadline = std::time::Instant::now() + CHILD_DEADLINE;
+            let mut file = std::fs::File::from(rd);
+            let mut msg = Vec::new();
+            let mut buf = [0u8; 4096];
+            let timed_out = loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let mut fds = [nix::poll::PollFd::new(
+                    file.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let ms = nix::poll::PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                    .unwrap_or(nix::poll::PollTimeout::ZERO);
+                match nix::poll::poll(&mut fds, ms) {
+                    Ok(0) => break true,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break false,
+                }
+                match file.read(&mut buf) {
+                    Ok(0) | Err(_) => break false,
+                    Ok(n) => msg.extend_from_slice(&buf[..n]),
+                }
+            };
+            if timed_out {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            }
+            let status = loop {
+                match nix::sys::wait::waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            if timed_out {
+                return Err(format!(
+                    "plugin \"dylib\": loading {shown}{as_user} took over {}s; its constructors or entry function must return at once",
+                    CHILD_DEADLINE.as_secs()
+                ));
+            }
+            let msg = String::from_utf8_lossy(&msg).into_owned();
+            match status {
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => Err(format!(
+                    "plugin \"dylib\": loading {shown}{as_user} killed the checking process with {sig}; fix the library's constructors or entry function"
+                )),
+                _ if msg == "ok" => Ok(()),
+                _ if msg.is_empty() => Err(format!(
+                    "plugin \"dylib\": loading {shown}{as_user} ended the checking process without a report; fix the library's constructors or entry function"
+                )),
+                _ => Err(msg),
+            }
+        }
+    }
+}
+
+/// A small reader of ELF dynamic symbol tables, for `check`: whether a
+/// library exports a symbol, without loading it.
+mod elf {
+    use std::path::Path;
+
+    /// The largest file read.
+    const MAX_SIZE: u64 = 1 << 30;
+
+    /// Whether `path`'s dynamic symbol table (.dynsym) defines `name` as a
+    /// global or weak symbol of default or protected visibility. None: the
+    /// file has no section headers to find it by (the load decides).
+    pub(super) fn exports(path: &Path, name: &str) -> Result<Option<bool>, String> {
+        let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+        if size > MAX_SIZE {
+            return Err(format!("the file is over {MAX_SIZE} bytes"));
+        }
+        let data = std::fs::read(path).map_err(|e| e.to_string())?;
+        exports_in(&data, name)
+    }
+
+    struct Reader<'a> {
+        data: &'a [u8],
+        big: bool,
+        wide: bool,
+    }
+
+    impl Reader<'_> {
+        fn bytes(&self, off: u64, n: usize) -> Result<&[u8], String> {
+            let off = usize::try_from(off).map_err(|_| truncated())?;
+            self.data
+                .get(off..off.checked_add(n).ok_or_else(truncated)?)
+                .ok_or_else(truncated)
+        }
+        fn u16(&self, off: u64) -> Result<u64, String> {
+            let b: [u8; 2] = self.bytes(off, 2)?.try_into().unwrap();
+            Ok(u64::from(if self.big {
+                u16::from_be_bytes(b)
+            } else {
+                u16::from_le_bytes(b)
+            }))
+        }
+        fn u32(&self, off: u64) -> Result<u64, String> {
+            let b: [u8; 4] = self.bytes(off, 4)?.try_into().unwrap();
+            Ok(u64::from(if self.big {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            }))
+        }
+        /// An address or offset: 8 bytes in ELF64, 4 in ELF32.
+        fn word(&self, off: u64) -> Result<u64, String> {
+            if self.wide {
+                let b: [u8; 8] = self.bytes(off, 8)?.try_into().unwrap();
+                Ok(if self.big {
+                    u64::from_be_bytes(b)
+                } else {
+                    u64::from_le_bytes(b)
+                })
+            } else {
+                self.u32(off)
+            }
+        }
+    }
+
+    fn truncated() -> String {
+        "the file is not a valid ELF shared library (truncated headers)".into()
+    }
+
+    pub(super) fn exports_in(data: &[u8], name: &str) -> Result<Option<bool>, String> {
+        if data.len() < 20 || &data[..4] != b"\x7fELF" {
+            return Err("the file is not an ELF shared library".into());
+        }
+        let wide = match data[4] {
+            1 => false,
+            2 => true,
+            c => return Err(format!("unknown ELF class {c}")),
+        };
+        let big = match data[5] {
+            1 => false,
+            2 => true,
+            d => return Err(format!("unknown ELF byte order {d}")),
+        };
+        let r = Reader { data, big, wide };
+        // e_type: ET_DYN.
+        if r.u16(16)? != 3 {
+            return Err("the file is an ELF file but not a shared library".into());
+        }
+        let (shoff, shentsize, shnum) = if wide {
+            (r.word(0x28)?, r.u16(0x3a)?, r.u16(0x3c)?)
+        } else {
+            (r.word(0x20)?, r.u16(0x2e)?, r.u16(0x30)?)
+        };
+        if shoff == 0 || shnum == 0 {
+            return Ok(None);
+        }
+        // Section header fields: (sh_type, sh_link, sh_offset, sh_size, sh_entsize).
+        let section = |i: u64| -> Result<(u64, u64, u64, u64, u64), String> {
+            let at = shoff + i * shentsize;
+            if wide {
+                Ok((
+                    r.u32(at + 4)?,
+                    r.u32(at + 0x28)?,
+                    r.word(at + 0x18)?,
+                    r.word(at + 0x20)?,
+                    r.word(at + 0x38)?,
+                ))
+            } else {
+                Ok((
+                    r.u32(at + 4)?,
+                    r.u32(at + 0x18)?,
+                    r.word(at + 0x10)?,
+                    r.word(at + 0x14)?,
+                    r.word(at + 0x24)?,
+                ))
+            }
+        };
+        const SHT_DYNSYM: u64 = 11;
+        for i in 0..shnum {
+            let (kind, link, off, size, entsize) = section(i)?;
+            if kind != SHT_DYNSYM {
+                continue;
+            }
+            let (_, _, stroff, strsize, _) = section(link)?;
+            let strtab = r.bytes(stroff, usize::try_from(strsize).map_err(|_| truncated())?)?;
+            let entsize = if entsize == 0 {
+                if wide { 24 } else { 16 }
+            } else {
+                entsize
+            };
+            for s in 0..size / entsize {
+                let at = off + s * entsize;
+                let (st_name, info, other, shndx) = if wide {
+                    (
+                        r.u32(at)?,
+                        r.bytes(at + 4, 1)?[0],
+                        r.bytes(at + 5, 1)?[0],
+                        r.u16(at + 6)?,
+                    )
+                } else {
+                    (
+                        r.u32(at)?,
+                        r.bytes(at + 12, 1)?[0],
+                        r.bytes(at + 13, 1)?[0],
+                        r.u16(at + 14)?,
+                    )
+                };
+                let Some(tail) = strtab.get(st_name as usize..) else {
+                    continue;
+                };
+                let sym = tail.split(|b| *b == 0).next().unwrap_or_default();
+                if sym != name.as_bytes() {
+                    continue;
+                }
+                // Defined (not SHN_UNDEF), STB_GLOBAL or STB_WEAK,
+                // STV_DEFAULT or STV_PROTECTED.
+                let binding = info >> 4;
+                let visibility = other & 3;
+                if shndx != 0
+                    && (binding == 1 || binding == 2)
+                    && (visibility == 0 || visibility == 3)
+                {
+                    return Ok(Some(true));
+                }
+            }
+            return Ok(Some(false));
+        }
+        Ok(None)
+    }
 }
 
 pub(super) fn plugin() -> PluginInfo {
@@ -506,7 +842,7 @@ mod tests {
         let t = ctx_with("/nonexistent/libfoo.so");
         let e = library_path(&PluginContext::new("s", &t, Default::default())).unwrap_err();
         assert!(e.contains("/nonexistent/libfoo.so"), "{e}");
-        let e = strict_mode(Path::new("/tmp"), "directory").unwrap_err();
+        let e = strict_mode(Path::new("/tmp"), "directory", 0).unwrap_err();
         assert!(e.contains("writable by group or others"), "{e}");
     }
 }

@@ -167,9 +167,34 @@ pub struct PluginContext<'a> {
     /// The service's `graceful_timeout`: how long a stopping worker's
     /// connections may take before the master kills it.
     pub graceful_timeout: Duration,
+    /// Who besides root may own a file whose code workers run (a `dylib`
+    /// library): the master's uid (a worker has already dropped to the
+    /// workers' user, so its own uid is not it). [`PluginContext::new`]:
+    /// this process's uid.
+    pub trusted_uid: nix::unistd::Uid,
+    /// `[daemon] user` and `group`, resolved: what the workers drop to.
+    /// Given to checks, which run as the `check` command's user (root as
+    /// systemd's ExecStartPre), to run plugin code with these credentials
+    /// in a child instead.
+    pub credentials: Option<&'a crate::config::Credentials>,
 }
 
 impl<'a> PluginContext<'a> {
+    /// The same with the master's uid, for [`PluginContext::trusted_uid`].
+    pub fn with_trusted_uid(mut self, uid: nix::unistd::Uid) -> PluginContext<'a> {
+        self.trusted_uid = uid;
+        self
+    }
+
+    /// The same with the workers' credentials.
+    pub fn with_credentials(
+        mut self,
+        credentials: Option<&'a crate::config::Credentials>,
+    ) -> PluginContext<'a> {
+        self.credentials = credentials;
+        self
+    }
+
     /// A context for `service` with these options.
     pub fn new(
         service: &'a str,
@@ -180,6 +205,8 @@ impl<'a> PluginContext<'a> {
             service,
             options,
             graceful_timeout,
+            trusted_uid: nix::unistd::Uid::current(),
+            credentials: None,
         }
     }
 }

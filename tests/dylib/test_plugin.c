@@ -2,6 +2,9 @@
  * A plugin for tests/dylib.rs, built by the test with cc in variants:
  *   -DTEST_ABI=99      a wrong ABI version
  *   -DNO_ENTRY         no preforkd_plugin_entry symbol
+ *   -DCONSTRUCTOR_MARKER='"PATH"'  a constructor (which the header forbids
+ *                      side effects) appends its process's uid to PATH:
+ *                      proves `preforkd check` does not run it as root
  * Options (JSON): "banner" (sent on connect, and prefixed to datagram
  * replies), "fail" (init fails with that message).
  * Stream: line by line; "crash" segfaults the worker, "pid" answers the
@@ -14,6 +17,17 @@
 #include <unistd.h>
 
 #include "preforkd_plugin.h"
+
+#ifdef CONSTRUCTOR_MARKER
+__attribute__((constructor)) static void t_marker(void)
+{
+    FILE *f = fopen(CONSTRUCTOR_MARKER, "a");
+    if (f != NULL) {
+        fprintf(f, "%u\n", (unsigned)getuid());
+        fclose(f);
+    }
+}
+#endif
 
 #ifndef TEST_ABI
 #define TEST_ABI PREFORKD_ABI_VERSION
