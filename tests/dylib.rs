@@ -38,12 +38,29 @@ fn cc(dir: &Path, src: &str, name: &str, defines: &[&str]) -> PathBuf {
 /// A temp dir for libraries, mode 0755 under target/tmp: the owner rule
 /// refuses /tmp (world-writable, sticky or not) anywhere on the path.
 fn libdir() -> tempfile::TempDir {
+    // The owner rule holds every directory up to / to root and no group or
+    // other write: target/tmp where the checkout's path allows it (a clone
+    // under /tmp does not), else /run (root's, 0755).
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if trusted_path(target) || !Path::new("/run").is_dir() {
+        target
+    } else {
+        Path::new("/run")
+    };
     let dir = tempfile::Builder::new()
         .prefix("pfdlib")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .expect("tempdir in target/tmp");
+        .tempdir_in(base)
+        .expect("a temp dir for the test libraries");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
+}
+
+/// Whether `dir` and every directory above it is root's and not writable
+/// by group or others (what the dylib owner rule asks).
+fn trusted_path(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0))
 }
 
 /// The test plugin, in a private temp dir that the caller keeps alive.
@@ -299,26 +316,31 @@ fn options_reach_init_as_json_and_datagrams_are_answered() {
     assert_eq!(&buf[..n], b"hello there|t|ping");
 }
 
-/// target/debug/examples/libmenu_dylib.so, next to this test's deps/.
-fn rust_menu_lib() -> PathBuf {
+/// target/debug/examples/libmenu_dylib.so (next to this test's deps/),
+/// copied into a trusted directory (the owner rule) that the caller keeps.
+fn rust_menu_lib() -> (tempfile::TempDir, PathBuf) {
     let exe = std::env::current_exe().unwrap();
-    let lib = exe
+    let built = exe
         .parent()
         .unwrap()
         .parent()
         .unwrap()
         .join("examples/libmenu_dylib.so");
     assert!(
-        lib.exists(),
+        built.exists(),
         "{} is missing: run `cargo test` (which builds the examples) or `cargo build --example menu_dylib`",
-        lib.display()
+        built.display()
     );
-    lib
+    let dir = libdir();
+    let lib = dir.path().join("libmenu_dylib.so");
+    std::fs::copy(&built, &lib).unwrap();
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, lib)
 }
 
 #[test]
 fn rust_cdylib_menu_dialogue_and_a_contained_panic() {
-    let lib = rust_menu_lib();
+    let (_libdir, lib) = rust_menu_lib();
     let d = Daemon::start(&dylib_service(
         &["tcp://127.0.0.1:0", "unix:{dir}/menu.sock"],
         "workers = 1\nthreads = 2",
