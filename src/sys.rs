@@ -587,6 +587,18 @@ fn capabilities_left() -> Option<(&'static str, u64)> {
 /// backlog), from TCP_INFO (`tcpi_unacked` and `tcpi_sacked` mean that on
 /// a socket in LISTEN state). None for other sockets or on error.
 pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let (info, _) = tcp_info(fd)?;
+    // TCP_LISTEN is 10 in the kernel's tcp_states.h.
+    if info.tcpi_state != 10 {
+        return None;
+    }
+    Some((u64::from(info.tcpi_unacked), u64::from(info.tcpi_sacked)))
+}
+
+/// getsockopt(TCP_INFO): the struct, and how many bytes of it the kernel
+/// filled (older kernels know fewer fields). None for a socket that is not
+/// TCP, or on error.
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<(libc::tcp_info, usize)> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -602,11 +614,7 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
             &mut len,
         )
     };
-    // TCP_LISTEN is 10 in the kernel's tcp_states.h.
-    if rc != 0 || info.tcpi_state != 10 {
-        return None;
-    }
-    Some((u64::from(info.tcpi_unacked), u64::from(info.tcpi_sacked)))
+    (rc == 0).then_some((info, len as usize))
 }
 
 /// A TCP connection's totals: (bytes received, bytes sent), whoever read
@@ -616,24 +624,10 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
 /// sockets, or a kernel without the counters.
 pub fn tcp_bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     use std::os::fd::AsRawFd;
-    // SAFETY: plain old data; all zeroes is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let (info, len) = tcp_info(fd)?;
     // The kernel writes as much of the struct as it knows: the counters
     // came in Linux 4.1 and 4.2.
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    // SAFETY: `fd` is borrowed for this call; the kernel writes at most
-    // `len` bytes into `info`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || (len as usize) < needed {
+    if len < std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8 {
         return None;
     }
     let mut queued: libc::c_int = 0;

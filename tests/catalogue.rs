@@ -263,17 +263,6 @@ fn a_signal_storm_to_the_process_group_fails_no_request() {
     echo_once(addr, b"after the storm\n").unwrap();
 }
 
-/// strace, if it is installed and may trace here.
-fn strace() -> Option<std::path::PathBuf> {
-    let out = Command::new("which").arg("strace").output().ok()?;
-    let path: std::path::PathBuf = String::from_utf8_lossy(&out.stdout).trim().into();
-    let works = Command::new(&path)
-        .args(["-o", "/dev/null", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    (out.status.success() && works).then_some(path)
-}
-
 /// Kills (and reaps) a helper process on drop.
 struct Killed(Child);
 

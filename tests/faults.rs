@@ -8,18 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-/// strace, if it is installed and may trace here (ptrace can be forbidden
-/// in a restricted container).
-fn strace() -> Option<std::path::PathBuf> {
-    let out = Command::new("which").arg("strace").output().ok()?;
-    let path: std::path::PathBuf = String::from_utf8_lossy(&out.stdout).trim().into();
-    let works = Command::new(&path)
-        .args(["-o", "/dev/null", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    (out.status.success() && works).then_some(path)
-}
-
 /// fork() fails (EAGAIN, as at a process limit) for the 2nd to 4th worker
 /// the master starts: the master logs each failure, retries that slot with
 /// backoff, and the pool still comes up complete and serves.

@@ -601,3 +601,15 @@ pub fn run_tests(tests: &[(&str, fn())]) {
         std::process::exit(1);
     }
 }
+
+/// strace, if it is installed and may trace here (ptrace can be forbidden
+/// in a restricted container).
+pub fn strace() -> Option<std::path::PathBuf> {
+    let out = Command::new("which").arg("strace").output().ok()?;
+    let path: std::path::PathBuf = String::from_utf8_lossy(&out.stdout).trim().into();
+    let works = Command::new(&path)
+        .args(["-o", "/dev/null", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    (out.status.success() && works).then_some(path)
+}
