@@ -310,6 +310,9 @@ fn serve(cli: &Cli, registry: &Registry) -> Result<i32, Error> {
     // it; the master keeps the value.
     let notifier = crate::systemd::Notifier::from_env()
         .map_err(|e| setup_err("cannot clear the systemd environment")(e.to_string()))?;
+    // Before anything forks, so that every worker can hold its
+    // connections (logged once the log is set up).
+    let raised = sys::raise_nofile();
     let mut resolved = load(cli, registry).inspect_err(|e| {
         if let Some(i) = &mut inherited {
             i.report_error(&e.to_string());
@@ -352,6 +355,15 @@ fn serve(cli: &Cli, registry: &Registry) -> Result<i32, Error> {
         );
     } else {
         log::info!("configuration {}", config.source);
+    }
+    match raised {
+        Ok(Some((from, to))) => log::info!(
+            "raised the open files limit from {from} to {to} (the hard limit; programs started by exec get {from} back)"
+        ),
+        Ok(None) => {}
+        Err(e) => log::warn!(
+            "setrlimit(RLIMIT_NOFILE) failed: {e}; workers keep the current open files limit"
+        ),
     }
     if let Err(e) = sys::init_title() {
         log::debug!("process titles unavailable: {e}");
@@ -669,21 +681,25 @@ fn bytes(n: Option<u64>) -> String {
     }
 }
 
-/// `preforkd plugins`: one line per plugin, name, socket kinds, description.
+/// `preforkd plugins`: one line per plugin, name, socket kinds, the worker
+/// modes it serves, description.
 fn plugin_table(registry: &Registry) -> String {
     let width = registry.names().iter().map(|n| n.len()).max().unwrap_or(0);
-    let kinds = registry
-        .plugins()
-        .map(|p| p.kinds().len())
-        .max()
-        .unwrap_or(0);
+    let widest = |f: fn(&crate::handler::PluginInfo) -> &'static str| {
+        registry.plugins().map(|p| f(p).len()).max().unwrap_or(0)
+    };
+    let (kinds, modes) = (
+        widest(|p| p.kinds()),
+        widest(|p| p.mode_names()) + "mode ".len(),
+    );
     registry
         .plugins()
         .map(|p| {
             format!(
-                "{:width$}  {:kinds$}  {}\n",
+                "{:width$}  {:kinds$}  {:modes$}  {}\n",
                 p.name,
                 p.kinds(),
+                format!("mode {}", p.mode_names()),
                 p.description
             )
         })

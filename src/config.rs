@@ -567,6 +567,23 @@ pub struct ServiceConfig {
     /// `threads`, checked (filled in by validation).
     #[serde(skip)]
     pub threads: u32,
+    /// How a worker serves: a thread per connection, or one event loop
+    /// for many (`"threads"`, the default, or `"async"`).
+    #[serde(default = "threads_mode")]
+    pub mode: Spanned<WorkerMode>,
+    /// `worker_connections` as written (its span locates the file
+    /// descriptor check, src/resolve.rs); absent: the default.
+    #[serde(
+        rename = "worker_connections",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub worker_connections_written: Option<Spanned<i64>>,
+    /// `mode = "async"`: the most connections one worker serves at once
+    /// (nginx's and gunicorn's setting of that name), checked; 0 in
+    /// threads mode (filled in by validation).
+    #[serde(skip)]
+    pub worker_connections: u32,
     /// Recycle a worker after this many connections (datagrams); 0 = never.
     #[serde(default)]
     pub max_requests: u64,
@@ -670,6 +687,74 @@ impl ServiceConfig {
     pub fn pool_bounds(&self) -> (u32, u32, u32) {
         let v = |o: &Option<Spanned<u32>>| o.as_ref().map_or(0, |s| *s.get_ref());
         (v(&self.min_spare), v(&self.max_spare), v(&self.max_workers))
+    }
+
+    /// The worker mode.
+    pub fn mode(&self) -> WorkerMode {
+        *self.mode.get_ref()
+    }
+
+    /// The most connections one worker serves at once: its threads, or
+    /// `worker_connections` in async mode.
+    pub fn connections_per_worker(&self) -> u32 {
+        match self.mode() {
+            WorkerMode::Threads => self.threads,
+            WorkerMode::Async => self.worker_connections,
+        }
+    }
+
+    /// The span `worker_connections` (else `mode`) was written at, for
+    /// errors about the connections a worker holds.
+    pub fn connections_span(&self) -> std::ops::Range<usize> {
+        match self.mode() {
+            WorkerMode::Threads => self.threads_written.span(),
+            WorkerMode::Async => self
+                .worker_connections_written
+                .as_ref()
+                .map_or_else(|| self.mode.span(), |w| w.span()),
+        }
+    }
+
+    /// Checks `mode` against `threads` and `worker_connections`, and
+    /// fills in `worker_connections`.
+    fn validate_mode(&mut self) -> Result<(), (std::ops::Range<usize>, String)> {
+        let name = self.name.get_ref().as_str();
+        let threads_written = self.threads_written.span() != (0..0);
+        match (self.mode(), &self.worker_connections_written) {
+            (WorkerMode::Threads, Some(w)) => Err((
+                w.span(),
+                format!(
+                    "service {name:?}: worker_connections applies to mode = \"async\": remove it, or set mode = \"async\" (threads mode serves `threads` connections per worker)"
+                ),
+            )),
+            (WorkerMode::Threads, None) => {
+                self.worker_connections = 0;
+                Ok(())
+            }
+            (WorkerMode::Async, _) if threads_written => Err((
+                self.threads_written.span(),
+                format!(
+                    "service {name:?}: threads applies to mode = \"threads\": an async worker serves its connections from one event loop; remove threads (and set worker_connections)"
+                ),
+            )),
+            (WorkerMode::Async, None) => {
+                self.worker_connections = DEFAULT_WORKER_CONNECTIONS;
+                Ok(())
+            }
+            (WorkerMode::Async, Some(w)) => {
+                let n = *w.get_ref();
+                if !(1..=MAX_WORKER_CONNECTIONS).contains(&n) {
+                    return Err((
+                        w.span(),
+                        format!(
+                            "service {name:?}: worker_connections must be between 1 and {MAX_WORKER_CONNECTIONS}, got {n}"
+                        ),
+                    ));
+                }
+                self.worker_connections = n as u32;
+                Ok(())
+            }
+        }
     }
 
     /// Checks the pool keys against each other; the span of what is wrong.
@@ -820,6 +905,32 @@ fn static_pool() -> Spanned<PoolKind> {
     Spanned::new(0..0, PoolKind::Static)
 }
 
+fn threads_mode() -> Spanned<WorkerMode> {
+    Spanned::new(0..0, WorkerMode::Threads)
+}
+
+/// `mode`: how a worker serves its connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerMode {
+    /// `threads` accept threads, each serving one connection at a time
+    /// (socketserver's ThreadingMixIn).
+    #[default]
+    Threads,
+    /// One event loop serving up to `worker_connections` connections at
+    /// once (gevent's server; nginx's and gunicorn's async workers).
+    Async,
+}
+
+impl fmt::Display for WorkerMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerMode::Threads => "threads",
+            WorkerMode::Async => "async",
+        })
+    }
+}
+
 /// `pool`: how a service's pool size is managed (PHP-FPM's `pm`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -953,6 +1064,11 @@ fn one_written() -> Spanned<i64> {
 
 /// The most accept threads a worker runs.
 pub const MAX_THREADS: i64 = 1024;
+/// `worker_connections` when not written (nginx's and gunicorn's default).
+pub const DEFAULT_WORKER_CONNECTIONS: u32 = 1024;
+/// The most connections one event-driven worker serves (the file
+/// descriptor limit usually says less; src/resolve.rs checks it).
+pub const MAX_WORKER_CONNECTIONS: i64 = 1 << 20;
 
 fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
     let n = i64::deserialize(d)?;
@@ -1342,6 +1458,7 @@ impl Config {
                 ));
             }
             svc.threads = *threads.get_ref() as u32;
+            svc.validate_mode()?;
             svc.addrs = svc
                 .listen
                 .get_ref()

@@ -493,6 +493,46 @@ pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u6
     }
     header(
         &mut out,
+        "preforkd_worker_connections",
+        "gauge",
+        "Connections each live worker is serving now (by pid).",
+    );
+    for s in &snap.services {
+        for (_, slot) in &s.workers {
+            let c = board.read(*slot);
+            if c.pid != 0 {
+                let _ = writeln!(
+                    out,
+                    "preforkd_worker_connections{{{},pid=\"{}\"}} {}",
+                    svc(&s.name),
+                    c.pid,
+                    c.active
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "preforkd_worker_full_total",
+        "counter",
+        "Times each live event-driven worker was at worker_connections and stopped accepting, leaving new connections to the others (by pid).",
+    );
+    for s in &snap.services {
+        for (_, slot) in &s.workers {
+            let c = board.read(*slot);
+            if c.pid != 0 {
+                let _ = writeln!(
+                    out,
+                    "preforkd_worker_full_total{{{},pid=\"{}\"}} {}",
+                    svc(&s.name),
+                    c.pid,
+                    c.full
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
         "preforkd_listen_queue_length",
         "gauge",
         "Connections waiting in the service's TCP accept queues (sampled by the master every second; TCP listeners only).",

@@ -72,42 +72,82 @@ pub fn resolve(config: Config, registry: &Registry) -> Result<Resolved, ConfigEr
                 ));
             }
         }
+        check_mode(&config, svc, info)?;
         check_fd_limit(&config, svc, info)?;
         plugins.push(info.clone());
     }
     Ok(Resolved { config, plugins })
 }
 
+/// Whether `plugin` serves the service's `mode`; the error points at
+/// `mode` (or, when the default was not written, at the plugin).
+fn check_mode(
+    config: &Config,
+    svc: &crate::config::ServiceConfig,
+    plugin: &PluginInfo,
+) -> Result<(), ConfigError> {
+    let mode = svc.mode();
+    if plugin.serves_mode(mode) {
+        return Ok(());
+    }
+    let why = if plugin.name == "dylib" {
+        ": the ABI v1 callbacks block, and would hold the event loop"
+    } else {
+        ""
+    };
+    let at = if svc.mode.span() == (0..0) {
+        svc.handler.plugin.span().start
+    } else {
+        svc.mode.span().start
+    };
+    Err(config.error_at(
+        at,
+        format!(
+            "service {:?}: plugin {:?} serves mode = \"{}\" only, not mode = \"{mode}\"{why}: set mode = \"{}\" or choose another plugin",
+            svc.name.get_ref().as_str(),
+            plugin.name,
+            plugin.mode_names(),
+            plugin.mode_names().split(',').next().unwrap_or("threads"),
+        ),
+    ))
+}
+
 /// File descriptors a worker holds besides its connections: its listeners,
 /// log, pipes, the scoreboard, a syslog socket, with room to spare.
 const WORKER_BASE_FDS: u64 = 64;
 
-/// Whether a worker of `svc` fits this process's file descriptor limit
-/// (which workers inherit): each accept thread holds a connection, and an
-/// `exec` connection also the program's stderr pipe and its pidfd. Found
-/// here, with the `threads` line, rather than as a worker that reports
-/// ready and then fails every accept.
+/// Whether a worker of `svc` fits the file descriptor limit workers get:
+/// the hard `RLIMIT_NOFILE`, to which the master raises its soft limit at
+/// start (src/cli.rs). Each connection (an accept thread's, or one of
+/// `worker_connections`) holds a socket, and an `exec` connection also the
+/// program's stderr pipe and its pidfd. Found here, at the `threads` or
+/// `worker_connections` line, rather than as a worker that reports ready
+/// and then fails every accept.
 fn check_fd_limit(
     config: &Config,
     svc: &crate::config::ServiceConfig,
     plugin: &PluginInfo,
 ) -> Result<(), ConfigError> {
-    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
     else {
         return Ok(());
     };
     let per_connection = if plugin.name == "exec" { 3 } else { 1 };
     let listeners = svc.addrs.len() as u64;
-    let need = u64::from(svc.threads) * per_connection + listeners + WORKER_BASE_FDS;
-    if need <= soft {
+    let connections = u64::from(svc.connections_per_worker());
+    let need = connections * per_connection + listeners + WORKER_BASE_FDS;
+    if need <= hard {
         return Ok(());
     }
+    let key = match svc.mode() {
+        crate::config::WorkerMode::Threads => "threads",
+        crate::config::WorkerMode::Async => "worker_connections",
+    };
     Err(config.error_at(
-        svc.threads_written.span().start,
+        svc.connections_span().start,
         format!(
-            "service {:?}: threads = {} needs about {need} file descriptors in each worker, more than the limit of {soft} (ulimit -n; LimitNOFILE= under systemd): lower threads or raise the limit",
+            "service {:?}: {key} = {connections} needs about {need} file descriptors in each worker, more than the open files limit of {hard} (the hard limit: ulimit -Hn; LimitNOFILE= under systemd): lower {key} or raise the limit",
             svc.name.get_ref().as_str(),
-            svc.threads
         ),
     ))
 }

@@ -31,7 +31,7 @@ const HEADER: usize = 8;
 const H_HIGH: usize = 0;
 
 /// Words per slot: see the `W_*` offsets.
-const WORDS: usize = 16;
+const WORDS: usize = 24;
 /// The worker's pid, once it has attached (0: not yet, or slot free).
 const W_PID: usize = 0;
 /// Connections (or datagrams) served so far.
@@ -60,6 +60,11 @@ const W_SERVICE: usize = 10;
 const W_ENTRY_AT: usize = 11;
 /// Entries in the range (its accept threads; 0: none).
 const W_ENTRIES: usize = 12;
+const W_FULL: usize = 13;
+const W_RUN_START: usize = 14;
+const W_RUN_HI: usize = 15;
+const W_RUN_LO: usize = 16;
+const W_RUN_META: usize = 17;
 
 /// Slots in one master's scoreboard: twice the largest pool the config
 /// allows (4096) with room for a reload's second generation of several
@@ -171,6 +176,28 @@ pub struct Slot {
     index: usize,
 }
 
+/// TEMP
+pub struct IpCounter {
+    slot: Slot,
+    n: std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>>,
+}
+impl IpCounter {
+    /// TEMP
+    pub fn enter(&self, ip: IpAddr) -> usize {
+        let mut v = self.n.lock().unwrap();
+        v.push(ip);
+        let _ = self.slot;
+        v.iter().filter(|x| **x == ip).count()
+    }
+    /// TEMP
+    pub fn leave(&self, ip: IpAddr) {
+        let mut v = self.n.lock().unwrap();
+        if let Some(i) = v.iter().position(|x| *x == ip) {
+            v.swap_remove(i);
+        }
+    }
+}
+
 /// One accept thread's connection entry.
 #[derive(Clone, Copy)]
 pub struct Entry {
@@ -198,6 +225,8 @@ pub struct Counters {
     pub bytes_out: u64,
     /// Connections or datagrams refused (access control, per-address limit).
     pub refused: u64,
+    /// TEMP
+    pub full: u64,
     /// When the slot was claimed (coarse clock, ms).
     pub started_ms: u64,
 }
@@ -316,14 +345,20 @@ impl Scoreboard {
     /// Takes a free slot for a worker about to be forked and clears it
     /// (no service, no connection entries).
     pub fn claim(&mut self) -> Option<usize> {
-        self.claim_worker(0, 0, 0)
+        self.claim_worker(0, 0, 0, 0)
     }
 
     /// Takes a free slot for a worker of `service` (see [`service_id`]) and
     /// `generation` with `threads` accept threads, and gives it a range of
     /// `threads` connection entries if one is free (check with
     /// [`Scoreboard::entries`]).
-    pub fn claim_worker(&mut self, service: u64, generation: u64, threads: usize) -> Option<usize> {
+    pub fn claim_worker(
+        &mut self,
+        service: u64,
+        generation: u64,
+        threads: usize,
+        _ip: usize,
+    ) -> Option<usize> {
         let i = self.free.pop()?;
         let range = self.alloc_entries(threads);
         let w = self.table.slot(i);
@@ -409,6 +444,27 @@ impl Scoreboard {
         self.table.range(i).len()
     }
 
+    /// TEMP
+    pub fn has_ip_table(&self, _i: usize) -> bool {
+        true
+    }
+    /// TEMP
+    pub fn running(&self, i: usize) -> Option<Conn> {
+        let w = self.table.slot(i);
+        let start = w[W_RUN_START].load(Ordering::Acquire);
+        if start == 0 {
+            return None;
+        }
+        Some(Conn {
+            start_ms: start,
+            peer: Peer::decode(
+                w[W_RUN_HI].load(Ordering::Relaxed),
+                w[W_RUN_LO].load(Ordering::Relaxed),
+                w[W_RUN_META].load(Ordering::Relaxed),
+            ),
+        })
+    }
+
     /// What slot `i`'s worker has written.
     pub fn read(&self, i: usize) -> Counters {
         let w = self.table.slot(i);
@@ -424,6 +480,7 @@ impl Scoreboard {
             bytes_out: r(W_BYTES_OUT),
             refused: r(W_REFUSED),
             started_ms: r(W_STARTED),
+            full: r(W_FULL),
         }
     }
 
@@ -508,6 +565,32 @@ impl Slot {
         if bytes_out > 0 {
             w[W_BYTES_OUT].fetch_add(bytes_out, Ordering::Relaxed);
         }
+    }
+
+    /// TEMP
+    pub fn full(&self) {
+        self.words()[W_FULL].fetch_add(1, Ordering::Relaxed);
+    }
+    /// TEMP
+    pub fn set_running(&self, conn: Option<(u64, &Peer)>) {
+        let w = self.words();
+        match conn {
+            None => w[W_RUN_START].store(0, Ordering::Release),
+            Some((start, peer)) => {
+                let (hi, lo, meta) = peer.encode();
+                w[W_RUN_HI].store(hi, Ordering::Relaxed);
+                w[W_RUN_LO].store(lo, Ordering::Relaxed);
+                w[W_RUN_META].store(meta, Ordering::Relaxed);
+                w[W_RUN_START].store(start.max(1), Ordering::Release);
+            }
+        }
+    }
+    /// TEMP
+    pub fn ip_counter(&self) -> Option<IpCounter> {
+        Some(IpCounter {
+            slot: *self,
+            n: std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+        })
     }
 
     /// A connection or datagram was refused.
@@ -615,7 +698,7 @@ mod tests {
     #[test]
     fn a_forked_child_writes_what_the_parent_reads() {
         let mut board = Scoreboard::new().unwrap();
-        let i = board.claim_worker(service_id("echo"), 3, 2).unwrap();
+        let i = board.claim_worker(service_id("echo"), 3, 2, 0).unwrap();
         let slot = board.slot(i);
         // A plain fork in a test thread: the child only touches atomics and
         // _exits.
@@ -669,9 +752,9 @@ mod tests {
     #[test]
     fn entries_are_handed_out_first_fit_and_merged_back() {
         let mut board = Scoreboard::new().unwrap();
-        let a = board.claim_worker(1, 1, 4).unwrap();
-        let b = board.claim_worker(1, 1, 1024).unwrap();
-        let c = board.claim_worker(1, 1, 4).unwrap();
+        let a = board.claim_worker(1, 1, 4, 0).unwrap();
+        let b = board.claim_worker(1, 1, 1024, 0).unwrap();
+        let c = board.claim_worker(1, 1, 4, 0).unwrap();
         assert_eq!(
             (board.entries(a), board.entries(b), board.entries(c)),
             (4, 1024, 4)
@@ -680,13 +763,13 @@ mod tests {
         assert!(board.slot(a).entry(4).is_none(), "beyond its threads");
         board.release(b);
         // The hole left by b is reused before the tail.
-        let d = board.claim_worker(1, 1, 10).unwrap();
+        let d = board.claim_worker(1, 1, 10, 0).unwrap();
         assert_eq!(board.table.range(d).start, 4);
         board.release(a);
         board.release(c);
         board.release(d);
         assert_eq!(board.free_entries, vec![(0, ENTRY_CAPACITY)]);
-        let none = board.claim_worker(1, 1, ENTRY_CAPACITY + 1).unwrap();
+        let none = board.claim_worker(1, 1, ENTRY_CAPACITY + 1, 0).unwrap();
         assert_eq!(board.entries(none), 0, "no range that large: none");
     }
 
@@ -694,9 +777,9 @@ mod tests {
     fn count_ip_counts_live_connections_of_the_same_service_only() {
         let mut board = Scoreboard::new().unwrap();
         let echo = service_id("echo");
-        let a = board.claim_worker(echo, 1, 2).unwrap();
-        let b = board.claim_worker(echo, 2, 1).unwrap();
-        let other = board.claim_worker(service_id("other"), 1, 1).unwrap();
+        let a = board.claim_worker(echo, 1, 2, 0).unwrap();
+        let b = board.claim_worker(echo, 2, 1, 0).unwrap();
+        let other = board.claim_worker(service_id("other"), 1, 1, 0).unwrap();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let peer = |s: &str| Peer::inet(s.parse().unwrap());
         board

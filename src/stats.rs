@@ -67,7 +67,8 @@ pub enum ExitCause {
     /// Asked to stop and left cleanly: stop, reload, scale down, an idle
     /// worker of a dynamic pool retired.
     Stopped,
-    /// Left by itself after `max_requests`.
+    /// Left by itself after `max_requests` (an event-driven worker:
+    /// recycled by the master, a replacement first).
     MaxRequests,
     /// Recycled by the master after passing `max_memory`.
     MaxMemory,

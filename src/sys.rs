@@ -390,6 +390,44 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// The soft `RLIMIT_NOFILE` this process started with, when
+/// [`raise_nofile`] raised it (0: not raised). Programs the workers start
+/// get it back, as Go's runtime does: a raised soft limit breaks programs
+/// that still use select(2).
+static ORIGINAL_NOFILE: AtomicU64 = AtomicU64::new(0);
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do, so that an event-driven
+/// worker can hold `worker_connections` sockets. Returns (from, to) when
+/// it changed anything.
+pub fn raise_nofile() -> io::Result<Option<(u64, u64)>> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    ORIGINAL_NOFILE.store(soft, Ordering::Relaxed);
+    Ok(Some((soft, hard)))
+}
+
+/// Runs `f` with the soft `RLIMIT_NOFILE` this process started with (for
+/// a binary upgrade's new master, which raises it again and so knows what
+/// to give its programs back), then raises it again.
+pub fn with_original_nofile<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let original = ORIGINAL_NOFILE.load(Ordering::Relaxed);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return f();
+    };
+    if original == 0 || setrlimit(Resource::RLIMIT_NOFILE, original, hard).is_err() {
+        return f();
+    }
+    let out = f();
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
+    out
+}
+
 /// Removes variables from this process's environment; refuses (and
 /// changes nothing) unless the process is single-threaded.
 pub fn remove_env(names: &[&str]) -> io::Result<()> {
@@ -753,6 +791,15 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
             && libc::chdir(cwd.as_ptr()) != 0
         {
             return fail(a);
+        }
+        // The open files limit the master started with (raise_nofile).
+        let original = ORIGINAL_NOFILE.load(Ordering::Relaxed);
+        if original != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = original as libc::rlim_t;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);

@@ -5,7 +5,10 @@
 
 use std::io;
 
-use super::{Connection, Datagram, DatagramHandler, PluginInfo, Sent, StreamHandler};
+use super::{
+    AsyncConnection, AsyncStreamHandler, Connection, Datagram, DatagramHandler, PluginInfo, Sent,
+    StreamHandler,
+};
 
 const LINE: usize = 72;
 const PRINTABLE: usize = 95;
@@ -40,18 +43,36 @@ impl StreamHandler for Chargen {
             match conn.send(&self.cycle[pos..end]) {
                 Ok(Sent::Bytes(n)) => pos = (pos + n) % cycle_len,
                 Ok(Sent::Shutdown) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    return Ok(()); // the client has had enough: normal for chargen
-                }
+                Err(e) if is_gone(&e) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+impl AsyncStreamHandler for Chargen {
+    async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()> {
+        let cycle_len = PRINTABLE * (LINE + 2);
+        let mut pos = 0;
+        loop {
+            conn.discard_input()?;
+            let end = (pos + 16 * 1024).min(self.cycle.len());
+            match conn.send(&self.cycle[pos..end]).await {
+                Ok(Sent::Bytes(n)) => pos = (pos + n) % cycle_len,
+                Ok(Sent::Shutdown) => return Ok(()),
+                Err(e) if is_gone(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The client has had enough: normal for chargen.
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 impl DatagramHandler for Chargen {

@@ -5,7 +5,10 @@
 use std::io::{self, Write};
 use std::time::SystemTime;
 
-use super::{Connection, Datagram, DatagramHandler, PluginInfo, StreamHandler};
+use super::{
+    AsyncConnection, AsyncStreamHandler, Connection, Datagram, DatagramHandler, PluginInfo,
+    StreamHandler,
+};
 
 struct Daytime;
 
@@ -16,6 +19,12 @@ fn now_line() -> String {
 impl StreamHandler for Daytime {
     fn handle(&self, conn: &mut Connection) -> io::Result<()> {
         conn.write_all(now_line().as_bytes())
+    }
+}
+
+impl AsyncStreamHandler for Daytime {
+    async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()> {
+        conn.write_all(now_line().as_bytes()).await
     }
 }
 

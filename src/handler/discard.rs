@@ -3,7 +3,10 @@
 
 use std::io;
 
-use super::{Connection, Datagram, DatagramHandler, PluginInfo, Recv, StreamHandler};
+use super::{
+    AsyncConnection, AsyncStreamHandler, Connection, Datagram, DatagramHandler, Input, PluginInfo,
+    Recv, StreamHandler,
+};
 
 struct Discard;
 
@@ -17,6 +20,20 @@ impl StreamHandler for Discard {
             match conn.recv(&mut buf)? {
                 Recv::Data(_) => {}
                 Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+impl AsyncStreamHandler for Discard {
+    async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()> {
+        loop {
+            if conn.shutting_down() {
+                return Ok(());
+            }
+            match conn.recv().await? {
+                Input::Data(_) => {}
+                Input::Eof | Input::Shutdown => return Ok(()),
             }
         }
     }

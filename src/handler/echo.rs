@@ -5,7 +5,10 @@
 
 use std::io::{self, Write};
 
-use super::{Connection, Datagram, DatagramHandler, PluginInfo, Recv, StreamHandler};
+use super::{
+    AsyncConnection, AsyncStreamHandler, Connection, Datagram, DatagramHandler, Input, PluginInfo,
+    Recv, StreamHandler,
+};
 
 struct Echo;
 
@@ -16,6 +19,19 @@ impl StreamHandler for Echo {
             match conn.recv(&mut buf)? {
                 Recv::Data(n) => conn.write_all(&buf[..n])?,
                 Recv::Eof | Recv::Shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Each read is written back before the next; the buffer goes back to the
+/// worker in between, so an idle connection holds none.
+impl AsyncStreamHandler for Echo {
+    async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()> {
+        loop {
+            match conn.recv().await? {
+                Input::Data(bytes) => conn.write_all(&bytes).await?,
+                Input::Eof | Input::Shutdown => return Ok(()),
             }
         }
     }

@@ -29,10 +29,14 @@ mod daytime;
 mod discard;
 pub mod dylib;
 mod echo;
+mod event;
 mod exec;
 
+pub use crate::config::WorkerMode;
 pub(crate) use connection::Stream;
 pub use connection::{Addr, Connection, IO_TICK, Recv, Sent};
+pub use event::{AsyncConnection, CHUNK, Chunk, Input};
+pub(crate) use event::{AsyncStream, Pool, Shared, Stop};
 
 /// Handles one stream connection (socketserver's `StreamRequestHandler`):
 /// a worker thread calls it once per accepted connection.
@@ -84,7 +88,108 @@ pub trait StreamHandler: Send + Sync {
     fn handle(&self, conn: &mut Connection) -> io::Result<()>;
 }
 
-/// Answers datagrams (socketserver's DatagramRequestHandler).
+/// Handles one stream connection in a `mode = "async"` worker, where one
+/// event loop serves up to `worker_connections` connections at once (the
+/// tutorial's gevent server): `handle` is an `async fn`, and every wait
+/// (for input, for the socket to take output) lets the loop serve the
+/// other connections.
+///
+/// The loop is the worker's only thread for handlers, so the futures need
+/// not be `Send`, and a handler must never block it: a blocking call holds
+/// every connection of the worker, and one that holds it longer than the
+/// service's `timeout` gets the worker killed and replaced (the log names
+/// the connection). State per connection lives in `handle`'s locals; an
+/// idle connection should hold no buffer (drop each [`Chunk`] once it is
+/// answered).
+///
+/// ```no_run
+/// use std::io;
+/// use preforkd::handler::{AsyncConnection, AsyncStreamHandler, Handlers, Input, PluginInfo};
+///
+/// /// The tutorial's gevent echo server: echo each read; on EOF, shut
+/// /// down the write side.
+/// struct Echo;
+///
+/// impl AsyncStreamHandler for Echo {
+///     async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()> {
+///         loop {
+///             match conn.recv().await? {
+///                 Input::Data(bytes) => conn.write_all(&bytes).await?,
+///                 Input::Eof => return conn.shutdown_write(),
+///                 Input::Shutdown => return Ok(()),
+///             }
+///         }
+///     }
+/// }
+///
+/// let plugin = PluginInfo::new("gevent-echo", "echoes each read", |_ctx| {
+///     Ok(Handlers::async_stream(Echo))
+/// })
+/// .modes(false, true);
+/// assert_eq!(plugin.mode_names(), "async");
+/// ```
+// `async fn` in a public trait: the futures run on one worker's
+// current-thread loop, so they are deliberately not required to be `Send`.
+#[allow(async_fn_in_trait)]
+pub trait AsyncStreamHandler {
+    /// Serves `conn` until the exchange is over, returning at a request
+    /// boundary once [`AsyncConnection::recv`] says [`Input::Shutdown`].
+    /// The worker then closes the connection cleanly. An error closes the
+    /// connection and is logged.
+    async fn handle(&self, conn: &mut AsyncConnection) -> io::Result<()>;
+}
+
+/// [`AsyncStreamHandler`] behind a pointer: its future boxed, once per
+/// connection.
+pub(crate) trait DynAsyncStream {
+    fn handle_boxed<'a>(
+        &'a self,
+        conn: &'a mut AsyncConnection,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + 'a>>;
+}
+
+impl<T: AsyncStreamHandler> DynAsyncStream for T {
+    fn handle_boxed<'a>(
+        &'a self,
+        conn: &'a mut AsyncConnection,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + 'a>> {
+        Box::pin(self.handle(conn))
+    }
+}
+
+/// Answers datagrams in a `mode = "async"` worker without blocking its
+/// loop: the async twin of [`DatagramHandler`], for handlers that wait
+/// (exec's program). Each datagram gets a task of its own, at most
+/// `worker_connections` at once; the reply goes back when it is done.
+#[allow(async_fn_in_trait)]
+pub trait AsyncDatagramHandler {
+    /// Handles one datagram; writes the answer into `reply` and returns
+    /// true to send it back to the sender, false to send nothing.
+    async fn handle(&self, datagram: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool>;
+}
+
+/// [`AsyncDatagramHandler`] behind a pointer.
+pub(crate) trait DynAsyncDatagram {
+    fn handle_boxed<'a>(
+        &'a self,
+        datagram: &'a Datagram<'a>,
+        reply: &'a mut Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<bool>> + 'a>>;
+}
+
+impl<T: AsyncDatagramHandler> DynAsyncDatagram for T {
+    fn handle_boxed<'a>(
+        &'a self,
+        datagram: &'a Datagram<'a>,
+        reply: &'a mut Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<bool>> + 'a>> {
+        Box::pin(self.handle(datagram, reply))
+    }
+}
+
+/// Answers datagrams (socketserver's DatagramRequestHandler). In a
+/// `mode = "async"` worker the same handler runs on the event loop: it
+/// must answer at once and never block.
 ///
 /// ```
 /// use std::io;
@@ -115,18 +220,24 @@ pub trait DatagramHandler: Send + Sync {
 /// What a plugin's factory returns: a handler for each kind of socket it
 /// serves (as declared in its [`PluginInfo`]).
 ///
-/// Non-exhaustive, so that a later worker mode (an event-driven worker that
-/// multiplexes many connections per thread, as the tutorial's gevent
-/// server does) can add a kind of handler without breaking plugins: build
-/// it with [`Handlers::stream`], [`Handlers::datagram`] or
-/// [`Handlers::both`].
+/// Non-exhaustive, so that kinds of handler can be added without breaking
+/// plugins: build it with [`Handlers::stream`], [`Handlers::datagram`],
+/// [`Handlers::both`] or [`Handlers::async_stream`], and add an
+/// event-driven stream handler to any of them with
+/// [`Handlers::with_async`]. A worker uses the one its service's `mode`
+/// needs ([`PluginContext::mode`] says which).
 #[derive(Default)]
 #[non_exhaustive]
 pub struct Handlers {
-    /// For tcp and unix listeners.
+    /// For tcp and unix listeners, in threads mode.
     pub stream: Option<Arc<dyn StreamHandler>>,
-    /// For udp and unixgram listeners.
+    /// For udp and unixgram listeners (both modes).
     pub datagram: Option<Arc<dyn DatagramHandler>>,
+    /// For tcp and unix listeners, in async mode.
+    pub(crate) async_stream: Option<std::rc::Rc<dyn DynAsyncStream>>,
+    /// For udp and unixgram listeners, in async mode, when answering
+    /// waits (else `datagram` answers on the loop).
+    pub(crate) async_datagram: Option<std::rc::Rc<dyn DynAsyncDatagram>>,
 }
 
 impl Handlers {
@@ -134,15 +245,15 @@ impl Handlers {
     pub fn stream(h: impl StreamHandler + 'static) -> Handlers {
         Handlers {
             stream: Some(Arc::new(h)),
-            datagram: None,
+            ..Handlers::default()
         }
     }
 
     /// A plugin that serves datagram sockets only.
     pub fn datagram(h: impl DatagramHandler + 'static) -> Handlers {
         Handlers {
-            stream: None,
             datagram: Some(Arc::new(h)),
+            ..Handlers::default()
         }
     }
 
@@ -152,7 +263,31 @@ impl Handlers {
         Handlers {
             stream: Some(h.clone()),
             datagram: Some(h),
+            ..Handlers::default()
         }
+    }
+
+    /// A plugin that serves stream sockets in async mode only.
+    pub fn async_stream(h: impl AsyncStreamHandler + 'static) -> Handlers {
+        Handlers::default().with_async(h)
+    }
+
+    /// The same, with `h` serving stream sockets in async mode.
+    pub fn with_async(mut self, h: impl AsyncStreamHandler + 'static) -> Handlers {
+        self.async_stream = Some(std::rc::Rc::new(h));
+        self
+    }
+
+    /// The same, with `h` answering datagrams in async mode, each in a
+    /// task of its own (instead of `datagram`, on the loop).
+    pub fn with_async_datagram(mut self, h: impl AsyncDatagramHandler + 'static) -> Handlers {
+        self.async_datagram = Some(std::rc::Rc::new(h));
+        self
+    }
+
+    /// Whether it has an event-driven stream handler.
+    pub fn has_async_stream(&self) -> bool {
+        self.async_stream.is_some()
     }
 }
 
@@ -177,12 +312,21 @@ pub struct PluginContext<'a> {
     /// systemd's ExecStartPre), to run plugin code with these credentials
     /// in a child instead.
     pub credentials: Option<&'a crate::config::Credentials>,
+    /// The service's `mode`: which of [`Handlers`]' stream handlers the
+    /// worker will use ([`PluginContext::new`]: threads).
+    pub mode: WorkerMode,
 }
 
 impl<'a> PluginContext<'a> {
     /// The same with the master's uid, for [`PluginContext::trusted_uid`].
     pub fn with_trusted_uid(mut self, uid: nix::unistd::Uid) -> PluginContext<'a> {
         self.trusted_uid = uid;
+        self
+    }
+
+    /// The same for a service of `mode`.
+    pub fn with_mode(mut self, mode: WorkerMode) -> PluginContext<'a> {
+        self.mode = mode;
         self
     }
 
@@ -207,6 +351,7 @@ impl<'a> PluginContext<'a> {
             graceful_timeout,
             trusted_uid: nix::unistd::Uid::current(),
             credentials: None,
+            mode: WorkerMode::Threads,
         }
     }
 }
@@ -253,6 +398,11 @@ pub struct PluginInfo {
     pub stream: bool,
     /// Whether it serves datagram sockets (udp, unixgram).
     pub datagram: bool,
+    /// Whether it serves `mode = "threads"` services.
+    pub threads_mode: bool,
+    /// Whether it serves `mode = "async"` services (its stream handler an
+    /// [`AsyncStreamHandler`]; its datagram handler never blocks).
+    pub async_mode: bool,
     /// Runs in the worker to build the handlers.
     pub factory: Factory,
     /// Validates the options for `preforkd check`, if the plugin can.
@@ -272,6 +422,8 @@ impl PluginInfo {
             description: description.into(),
             stream: true,
             datagram: false,
+            threads_mode: true,
+            async_mode: false,
             factory: Arc::new(factory),
             check: None,
         }
@@ -282,6 +434,31 @@ impl PluginInfo {
         self.stream = stream;
         self.datagram = datagram;
         self
+    }
+
+    /// Which worker modes it serves (new plugins: threads only).
+    pub fn modes(mut self, threads: bool, r#async: bool) -> PluginInfo {
+        self.threads_mode = threads;
+        self.async_mode = r#async;
+        self
+    }
+
+    /// Whether it serves services of `mode`.
+    pub fn serves_mode(&self, mode: WorkerMode) -> bool {
+        match mode {
+            WorkerMode::Threads => self.threads_mode,
+            WorkerMode::Async => self.async_mode,
+        }
+    }
+
+    /// What `preforkd plugins` says about the modes it serves.
+    pub fn mode_names(&self) -> &'static str {
+        match (self.threads_mode, self.async_mode) {
+            (true, true) => "threads, async",
+            (true, false) => "threads",
+            (false, true) => "async",
+            (false, false) => "none",
+        }
     }
 
     /// Adds a check of its options for `preforkd check`.
@@ -310,6 +487,7 @@ impl fmt::Debug for PluginInfo {
             .field("name", &self.name)
             .field("stream", &self.stream)
             .field("datagram", &self.datagram)
+            .field("modes", &self.mode_names())
             .field("description", &self.description)
             .finish_non_exhaustive()
     }
@@ -319,13 +497,17 @@ impl fmt::Debug for PluginInfo {
 /// and datagrams, made by `make` in each worker.
 fn builtin<T>(name: &'static str, description: &'static str, make: fn() -> T) -> PluginInfo
 where
-    T: StreamHandler + DatagramHandler + 'static,
+    T: StreamHandler + DatagramHandler + AsyncStreamHandler + 'static,
 {
     PluginInfo::new(name, description, move |ctx| {
         ctx.expect_options(name, &[])?;
-        Ok(Handlers::both(make()))
+        Ok(match ctx.mode {
+            WorkerMode::Threads => Handlers::both(make()),
+            WorkerMode::Async => Handlers::datagram(make()).with_async(make()),
+        })
     })
     .serves(true, true)
+    .modes(true, true)
     .with_check(move |ctx| ctx.expect_options(name, &[]))
 }
 

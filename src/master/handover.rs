@@ -229,7 +229,10 @@ impl Master {
             let result = inheritable
                 .iter()
                 .try_for_each(|fd| sys::set_cloexec(*fd, false))
-                .and_then(|()| cmd.spawn());
+                // With the open files limit this master started with, so
+                // that the next one knows it (and gives it to exec's
+                // programs) when it raises its own.
+                .and_then(|()| sys::with_original_nofile(|| cmd.spawn()));
             for fd in &inheritable {
                 if let Err(e) = sys::set_cloexec(*fd, true)
                     && result.is_ok()

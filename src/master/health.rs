@@ -13,8 +13,12 @@
 //! What each signal detects: the connection's age catches a handler stuck
 //! on one client (a deadlock, an endless loop, a blocking call with no
 //! timeout), thread by thread; the heartbeat, written by the worker's
-//! watchdog thread (src/worker.rs), catches a worker that does not run at
-//! all (stopped, frozen, starved).
+//! watchdog thread (src/worker/mod.rs), catches a worker that does not run
+//! at all (stopped, frozen, starved). In an event-driven worker
+//! (`mode = "async"`) a connection may rightly stay open for hours, so
+//! only the heartbeat counts, and the loop writes it itself: a handler that
+//! blocks the loop stops it, and the log names the connection the loop was
+//! running (src/worker/event.rs records it before each poll).
 //!
 //! Owns: the list of workers sent SIGABRT, and the check's timer.
 
@@ -27,7 +31,7 @@ use serde_json::{Value, json};
 
 use super::pool::Child;
 use super::{Master, Phase};
-use crate::config::ServiceConfig;
+use crate::config::{ServiceConfig, WorkerMode};
 use crate::scoreboard::{Scoreboard, service_id};
 use crate::sys;
 
@@ -51,27 +55,41 @@ impl Health {
     }
 }
 
-/// Claims a scoreboard slot for a worker of `config` about to be forked,
-/// with a connection entry per accept thread; says so when no entries are
-/// left (its connections are then neither shown nor counted).
+/// Claims a scoreboard slot for a worker of `config` about to be forked:
+/// a connection entry per accept thread (an event-driven worker: a few,
+/// for its oldest connections), and, with `max_connections_per_ip`, a
+/// table of its connections per address. Says so when no room is left
+/// (its connections are then not shown, or not counted).
 pub(super) fn claim(
     board: &mut Scoreboard,
     config: &ServiceConfig,
     generation: u64,
     name: &str,
 ) -> Option<usize> {
-    let threads = config.threads as usize;
+    let entries = match config.mode() {
+        WorkerMode::Threads => config.threads as usize,
+        WorkerMode::Async => crate::worker::ASYNC_ENTRIES,
+    };
+    let per_ip = if config.max_connections_per_ip > 0 {
+        config.connections_per_worker() as usize
+    } else {
+        0
+    };
     let slot = board.claim_worker(
         service_id(config.name.get_ref().as_str()),
         generation,
-        threads,
+        entries,
+        per_ip,
     );
     match slot {
         None => log::warn!(
             "worker {name}: the scoreboard is full: it runs without a slot (no status counters, no timeout check)"
         ),
-        Some(b) if board.entries(b) < threads => log::warn!(
-            "worker {name}: no connection entries left in the scoreboard: its connections are not shown, checked against timeout or counted for max_connections_per_ip"
+        Some(b) if board.entries(b) < entries => log::warn!(
+            "worker {name}: no connection entries left in the scoreboard: its connections are not shown or checked against timeout"
+        ),
+        Some(b) if per_ip > 0 && !board.has_ip_table(b) => log::warn!(
+            "worker {name}: no room left in the scoreboard for its per-address counts: its connections are not counted for max_connections_per_ip"
         ),
         Some(_) => {}
     }
@@ -168,14 +186,31 @@ impl Master {
             }
             let timeout = humantime::format_duration(config.timeout);
             let service = config.name.get_ref().as_str();
-            let late: Vec<_> = self
-                .board
-                .connections(b)
-                .into_iter()
-                .filter(|c| now_ms.saturating_sub(c.start_ms) > limit)
-                .collect();
+            let event_loop = config.mode() == WorkerMode::Async;
+            let late: Vec<_> = if event_loop {
+                Vec::new() // its connections may rightly be old
+            } else {
+                self.board
+                    .connections(b)
+                    .into_iter()
+                    .filter(|c| now_ms.saturating_sub(c.start_ms) > limit)
+                    .collect()
+            };
             let heartbeat = self.board.read(b).heartbeat_ms;
-            let why = if let Some(oldest) = late.first() {
+            let why = if event_loop && heartbeat != 0 && now_ms.saturating_sub(heartbeat) > limit {
+                let running = match self.board.running(b) {
+                    Some(c) => format!(
+                        " while running the connection of {} (open {})",
+                        c.peer,
+                        secs(now_ms.saturating_sub(c.start_ms))
+                    ),
+                    None => String::new(),
+                };
+                format!(
+                    "event loop blocked: heartbeat stopped {} ago{running} (timeout {timeout})",
+                    secs(now_ms.saturating_sub(heartbeat))
+                )
+            } else if let Some(oldest) = late.first() {
                 let more = match late.len() {
                     1 => String::new(),
                     n => format!(" (and {} more connections)", n - 1),
@@ -232,6 +267,7 @@ impl Master {
             .collect();
         let extra = json!({
             "heartbeat_age_ms": (c.heartbeat_ms != 0).then(|| now_ms.saturating_sub(c.heartbeat_ms)),
+            "full": c.full,
             "bytes_in": c.bytes_in,
             "bytes_out": c.bytes_out,
             "refused": c.refused,

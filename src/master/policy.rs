@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 
 use super::pool::{Child, Pool};
 use super::{Master, Phase};
-use crate::config::{Config, ListenAddr, PoolKind, ServiceConfig};
+use crate::config::{Config, ListenAddr, PoolKind, ServiceConfig, WorkerMode};
 use crate::exit::ChildExit;
 use crate::handler::PluginInfo;
 use crate::stats::{ExitCause, SpawnCause, Stats, WorkerState};
@@ -91,8 +91,23 @@ fn register(stats: &mut Stats, pools: &mut [Pool]) {
 pub fn needs_tick(config: &Config) -> bool {
     config.metrics.listen.is_some()
         || config.services.iter().any(|s| {
-            s.pool_kind() != PoolKind::Static || s.max_memory.bytes() > 0 || !s.max_age.is_zero()
+            s.pool_kind() != PoolKind::Static
+                || s.max_memory.bytes() > 0
+                || !s.max_age.is_zero()
+                || request_limit(s) > 0
         })
+}
+
+/// A new event-driven worker's `max_requests` plus a random 0..=jitter,
+/// which the master enforces (0: none; threads-mode workers count their
+/// own).
+pub fn request_limit(config: &ServiceConfig) -> u64 {
+    if config.mode() != WorkerMode::Async || config.max_requests == 0 {
+        return 0;
+    }
+    config
+        .max_requests
+        .saturating_add(fastrand::u64(0..=config.max_requests_jitter))
 }
 
 /// A new worker's recycling limits: `max_memory` and `max_age`, each plus
@@ -224,7 +239,13 @@ impl Master {
             match slot.pid.and_then(|pid| self.children.get(&pid)) {
                 Some(child) if child.ready && child.kill_at.is_none() => {
                     let active = child.board.map_or(0, |b| self.board.read(b).active);
-                    if active > 0 {
+                    // An event-driven worker with room takes the next
+                    // connection as an idle one would.
+                    let busy_at = match self.pools[p].config.mode() {
+                        WorkerMode::Threads => 1,
+                        WorkerMode::Async => u64::from(self.pools[p].config.worker_connections),
+                    };
+                    if active >= busy_at {
                         c.busy += 1;
                     } else {
                         c.idle += 1;
@@ -436,11 +457,14 @@ impl Master {
     }
 
     /// Starts recycling a worker of pool `p` past `max_age` or
-    /// `max_memory`: its replacement first (one recycling at a time).
+    /// `max_memory` (or, event-driven, `max_requests`): its replacement
+    /// first (one recycling at a time).
     fn check_recycle(&mut self, p: usize) {
         let pool = &self.pools[p];
         let (max_memory, max_age) = (pool.config.max_memory, pool.config.max_age);
-        if pool.recycle.is_some() || (max_memory.bytes() == 0 && max_age.is_zero()) {
+        let by_requests = request_limit(&pool.config) > 0;
+        if pool.recycle.is_some() || (max_memory.bytes() == 0 && max_age.is_zero() && !by_requests)
+        {
             return;
         }
         let mut found = None;
@@ -451,6 +475,18 @@ impl Master {
             .collect();
         candidates.sort_by_key(|(_, ch)| ch.started);
         for (pid, ch) in candidates {
+            let served = ch.board.map_or(0, |b| self.board.read(b).served);
+            if ch.request_limit > 0 && served >= ch.request_limit {
+                found = Some((
+                    *pid,
+                    ExitCause::MaxRequests,
+                    format!(
+                        "served {served} (max_requests {} + jitter)",
+                        pool.config.max_requests
+                    ),
+                ));
+                break;
+            }
             if let Some(limit) = ch.age_limit
                 && ch.started.elapsed() >= limit
             {

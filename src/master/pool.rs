@@ -207,6 +207,10 @@ pub(super) struct Child {
     pub(super) rss_limit: u64,
     /// Recycled at this age (`max_age` + jitter).
     pub(super) age_limit: Option<Duration>,
+    /// Recycled once it has served this many (`max_requests` + jitter) by
+    /// the master, a replacement first: event-driven workers only (a
+    /// threads-mode worker leaves by itself); 0: never.
+    pub(super) request_limit: u64,
     /// Since when it has been seen idle (sampled by the maintenance tick).
     pub(super) idle_since: Option<Instant>,
     /// Its `served` count at the last sample.
@@ -257,6 +261,7 @@ impl Child {
             svc: None,
             rss_limit: 0,
             age_limit: None,
+            request_limit: 0,
             idle_since: None,
             last_served: 0,
             retire_cause: None,
@@ -699,12 +704,14 @@ impl Master {
                 log::info!("worker {name} (pid {pid}) spawned");
                 let now = Instant::now();
                 let (rss_limit, age_limit) = policy::limits(&pool.config);
+                let request_limit = policy::request_limit(&pool.config);
                 let svc = pool.stats;
                 let cause = pool.slots[s].cause;
                 let child = Child {
                     svc,
                     rss_limit,
                     age_limit,
+                    request_limit,
                     idle_since: None,
                     last_served: 0,
                     retire_cause: None,

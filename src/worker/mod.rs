@@ -1,14 +1,17 @@
 //! The worker: what a forked child runs. It sets itself up (signals, title,
 //! master-death watch), initialises its service's handler plugin, tells the
 //! master it is ready, then accepts and serves until it is asked to stop or
-//! has served `max_requests`.
+//! has served `max_requests`: with `threads` accept threads that serve a
+//! connection each (here), or with one event loop for up to
+//! `worker_connections` connections (`mode = "async"`: `event.rs`, fed by
+//! the accept thread of `gate.rs`).
 //!
 //! Owns: its copies of its service's listening sockets (only the master's
 //! copies keep an accept queue alive), the accepted connections, and the
 //! handler objects.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::unistd::Pid;
 
 use crate::acl::{self, Acl};
-use crate::config::{Credentials, ListenAddr, ServiceConfig};
+use crate::config::{Credentials, ListenAddr, ServiceConfig, WorkerMode};
 use crate::exit::worker as code;
 use crate::handler::{
     Addr, Connection, Datagram, DatagramHandler, Handlers, PluginContext, PluginInfo, Stream,
@@ -27,6 +30,13 @@ use crate::handler::{
 use crate::listener::WorkerSocket;
 use crate::scoreboard::{Peer, Slot, State};
 use crate::sys;
+
+mod event;
+mod gate;
+
+/// Scoreboard entries an event-driven worker gets: its oldest connections,
+/// for `preforkd status`.
+pub const ASYNC_ENTRIES: usize = event::ENTRIES;
 
 /// How long a closing connection waits for the client to finish sending
 /// after our FIN, before the socket is closed anyway.
@@ -109,12 +119,14 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         log::error!("handler panicked{at}: {msg}");
     }));
 
+    let mode = spec.service.mode();
     let ctx = PluginContext::new(
         spec.service.name.get_ref().as_str(),
         &spec.service.handler.options,
         spec.service.graceful_timeout,
     )
-    .with_trusted_uid(master_uid);
+    .with_trusted_uid(master_uid)
+    .with_mode(mode);
     let handlers = match catch_unwind(AssertUnwindSafe(|| (spec.plugin.factory)(&ctx))) {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => return boot_failed(spec.ready, &reason),
@@ -129,7 +141,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         };
         sockets.push((WorkerSocket::new(&addr, fd), local));
     }
-    if let Err(reason) = check_handlers(&handlers, &sockets, &spec.plugin.name) {
+    if let Err(reason) = check_handlers(&handlers, &sockets, &spec.plugin.name, mode) {
         return boot_failed(spec.ready, &reason);
     }
     for (socket, _) in &sockets {
@@ -145,6 +157,9 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         graceful: spec.service.graceful_timeout,
         board: spec.board,
         beat: heartbeat_interval(spec.service.timeout),
+        // An event loop writes its own heartbeat: one that stops says the
+        // loop is blocked, which a thread of its own would hide.
+        beats: mode == WorkerMode::Threads,
     };
     if let Err(e) = std::thread::Builder::new()
         .name("watchdog".into())
@@ -165,6 +180,20 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         b.set_state(State::Ready);
     }
 
+    if mode == WorkerMode::Async {
+        let failed = event::serve(event::Loop {
+            name: &name,
+            service: spec.service,
+            sockets,
+            handlers,
+            board: spec.board,
+        });
+        return if failed {
+            code::ACCEPT_FAILED
+        } else {
+            code::OK
+        };
+    }
     let budget = match spec.service.max_requests {
         0 => u64::MAX,
         n => n.saturating_add(fastrand::u64(0..=spec.service.max_requests_jitter)),
@@ -182,8 +211,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         acl: &spec.service.acl,
         per_ip: spec.service.max_connections_per_ip,
         idle_timeout: spec.service.idle_timeout,
-        refused_logged_ms: AtomicU64::new(0),
-        refused_unlogged: AtomicU64::new(0),
+        refusals: Refusals::default(),
     };
     worker.serve(spec.service.threads);
     if worker.failed.load(Ordering::SeqCst) {
@@ -205,13 +233,24 @@ fn check_handlers(
     h: &Handlers,
     sockets: &[(WorkerSocket, Addr)],
     plugin: &str,
+    mode: WorkerMode,
 ) -> Result<(), String> {
     for (s, _) in sockets {
         let stream = matches!(s, WorkerSocket::Tcp(_) | WorkerSocket::Unix(_));
-        if stream && h.stream.is_none() {
-            return Err(format!("plugin {plugin:?} built no stream handler"));
+        let has_stream = match mode {
+            WorkerMode::Threads => h.stream.is_some(),
+            WorkerMode::Async => h.has_async_stream(),
+        };
+        if stream && !has_stream {
+            return Err(format!(
+                "plugin {plugin:?} built no stream handler for mode = \"{mode}\""
+            ));
         }
-        if !stream && h.datagram.is_none() {
+        let has_datagram = match mode {
+            WorkerMode::Threads => h.datagram.is_some(),
+            WorkerMode::Async => h.datagram.is_some() || h.async_datagram.is_some(),
+        };
+        if !stream && !has_datagram {
             return Err(format!("plugin {plugin:?} built no datagram handler"));
         }
     }
@@ -230,6 +269,9 @@ struct Watchdog {
     board: Option<Slot>,
     /// How often.
     beat: Duration,
+    /// Whether this thread writes the heartbeat (threads mode; an event
+    /// loop writes its own).
+    beats: bool,
 }
 
 /// How often the watchdog thread writes the heartbeat: every second, or
@@ -254,6 +296,9 @@ impl Watchdog {
     /// frozen, starved); a handler stuck on one connection shows in that
     /// connection's age instead (see src/master/health.rs).
     fn beat(&self) {
+        if !self.beats {
+            return;
+        }
         if let Some(b) = &self.board {
             b.heartbeat(sys::coarse_ms());
         }
@@ -321,10 +366,8 @@ struct Worker<'a> {
     per_ip: u32,
     /// `idle_timeout` (zero: none).
     idle_timeout: Duration,
-    /// When a refusal was last logged (coarse clock, ms), and how many
-    /// have not been since: at most one line a second per worker.
-    refused_logged_ms: AtomicU64,
-    refused_unlogged: AtomicU64,
+    /// Refusals, logged at most once a second.
+    refusals: Refusals,
 }
 
 /// Epoll token of the shutdown pipe.
@@ -428,16 +471,7 @@ impl Worker<'_> {
                         ep.delete(socket.as_fd())?;
                     }
                     Err(e) => {
-                        // Every idle thread sees the same failure on the
-                        // same listener: one line a second for them all.
-                        if let Some(more) = ACCEPT_FAILURES.note(sys::coarse_ms()) {
-                            let since = if more > 0 {
-                                format!("; {more} more since the last report")
-                            } else {
-                                String::new()
-                            };
-                            log::warn!("worker {}: accept() failed: {e}{since}", self.name);
-                        }
+                        note_accept_failure(self.name, &e);
                         if is_resource_limit(&e) {
                             // EMFILE, ENOBUFS: do not spin on a listener we
                             // cannot serve; other workers may.
@@ -512,78 +546,15 @@ impl Worker<'_> {
         }
     }
 
-    /// Who a stream peer is, for the rules and for the scoreboard. A Unix
-    /// peer's credentials cost a getsockopt: read only when a rule needs
-    /// them.
-    fn identify(&self, stream: &Stream, peer: &Addr) -> (acl::Peer, Peer) {
-        match peer {
-            Addr::Inet(a) => (acl::Peer::Ip(a.ip().to_canonical()), Peer::inet(*a)),
-            Addr::Unix(_) => {
-                let cred = if self.acl.needs_credentials() {
-                    match nix::sys::socket::getsockopt(
-                        stream,
-                        nix::sys::socket::sockopt::PeerCredentials,
-                    ) {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            log::warn!("worker {}: getsockopt(SO_PEERCRED) failed: {e}", self.name);
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                match cred {
-                    Some(c) => (
-                        acl::Peer::Unix(Some((c.uid(), c.gid()))),
-                        Peer::UnixCred {
-                            pid: c.pid() as u32,
-                            uid: c.uid(),
-                            gid: c.gid(),
-                        },
-                    ),
-                    None => (acl::Peer::Unix(None), Peer::Unix),
-                }
-            }
-        }
-    }
-
-    /// Counts and logs a refused connection or datagram: at most one line
-    /// a second per worker, with the number left unlogged since.
-    fn refuse(&self, peer: &dyn std::fmt::Display, why: &dyn std::fmt::Display) {
-        if let Some(b) = &self.board {
-            b.refused();
-        }
-        let now = sys::coarse_ms();
-        let last = self.refused_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= 1000;
-        if !due
-            || self
-                .refused_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            self.refused_unlogged.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let more = self.refused_unlogged.swap(0, Ordering::Relaxed);
-        let more = if more > 0 {
-            format!(" ({more} more refused since the last such line)")
-        } else {
-            String::new()
-        };
-        log::warn!("worker {}: refused {peer}: {why}{more}", self.name);
-    }
-
     /// Serves one accepted connection on accept thread `thread`: checks
     /// `allow`/`deny` and `max_connections_per_ip` (a refused connection is
     /// closed at once), publishes it in the scoreboard, runs the handler,
     /// closes.
     fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr, thread: usize) {
         let Some(handler) = &self.stream else { return };
-        let (who, seen) = self.identify(&stream, &peer);
+        let (who, seen) = identify(self.acl, self.name, stream.as_fd(), &peer);
         if let Err(why) = self.acl.check(&who) {
-            self.refuse(&peer, &why);
+            self.refusals.refuse(self.name, self.board, &peer, &why);
             return;
         }
         let entry = self.board.and_then(|b| b.entry(thread));
@@ -599,7 +570,9 @@ impl Worker<'_> {
             let n = b.count_ip(ip);
             if n > self.per_ip as usize {
                 e.clear();
-                self.refuse(
+                self.refusals.refuse(
+                    self.name,
+                    self.board,
                     &peer,
                     &format_args!(
                         "{n} connections from {ip} (max_connections_per_ip = {})",
@@ -663,24 +636,15 @@ impl Worker<'_> {
                 return;
             }
         };
-        if !self.acl.is_empty() {
-            let who = match &peer {
-                Addr::Inet(a) => acl::Peer::Ip(a.ip().to_canonical()),
-                // A datagram carries no credentials: only "unix" and
-                // "all" can match it.
-                Addr::Unix(_) => acl::Peer::Unix(None),
-            };
-            if let Err(why) = self.acl.check(&who) {
-                self.refuse(&peer, &why);
-                return;
-            }
+        let (who, seen) = datagram_peer(&peer);
+        if !self.acl.is_empty()
+            && let Err(why) = self.acl.check(&who)
+        {
+            self.refusals.refuse(self.name, self.board, &peer, &why);
+            return;
         }
         let entry = self.board.and_then(|b| b.entry(thread));
         if let Some(e) = &entry {
-            let seen = match &peer {
-                Addr::Inet(a) => Peer::inet(*a),
-                Addr::Unix(_) => Peer::Unix,
-            };
             e.publish(sys::coarse_ms(), &seen);
         }
         reply.clear();
@@ -721,6 +685,105 @@ impl Worker<'_> {
             b.add_bytes(n as u64, bytes_out);
         }
         self.count();
+    }
+}
+
+/// Who a stream peer is, for the rules and for the scoreboard. A Unix
+/// peer's credentials cost a getsockopt: read only when a rule needs them.
+fn identify(acl: &Acl, name: &str, fd: BorrowedFd<'_>, peer: &Addr) -> (acl::Peer, Peer) {
+    match peer {
+        Addr::Inet(a) => (acl::Peer::Ip(a.ip().to_canonical()), Peer::inet(*a)),
+        Addr::Unix(_) => {
+            let cred = if acl.needs_credentials() {
+                match nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
+                {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        log::warn!("worker {name}: getsockopt(SO_PEERCRED) failed: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match cred {
+                Some(c) => (
+                    acl::Peer::Unix(Some((c.uid(), c.gid()))),
+                    Peer::UnixCred {
+                        pid: c.pid() as u32,
+                        uid: c.uid(),
+                        gid: c.gid(),
+                    },
+                ),
+                None => (acl::Peer::Unix(None), Peer::Unix),
+            }
+        }
+    }
+}
+
+/// Who a datagram's sender is, for the rules: a datagram carries no
+/// credentials, so only "unix" and "all" can match a Unix sender.
+fn datagram_peer(peer: &Addr) -> (acl::Peer, Peer) {
+    match peer {
+        Addr::Inet(a) => (acl::Peer::Ip(a.ip().to_canonical()), Peer::inet(*a)),
+        Addr::Unix(_) => (acl::Peer::Unix(None), Peer::Unix),
+    }
+}
+
+/// A worker's refused connections and datagrams: counted in the
+/// scoreboard, logged at most once a second with the number left unlogged
+/// since.
+#[derive(Default)]
+struct Refusals {
+    /// When a refusal was last logged (coarse clock, ms).
+    logged_ms: AtomicU64,
+    /// Refusals not logged since.
+    unlogged: AtomicU64,
+}
+
+impl Refusals {
+    fn refuse(
+        &self,
+        name: &str,
+        board: Option<Slot>,
+        peer: &dyn std::fmt::Display,
+        why: &dyn std::fmt::Display,
+    ) {
+        if let Some(b) = board {
+            b.refused();
+        }
+        let now = sys::coarse_ms();
+        let last = self.logged_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= 1000;
+        if !due
+            || self
+                .logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let more = self.unlogged.swap(0, Ordering::Relaxed);
+        let more = if more > 0 {
+            format!(" ({more} more refused since the last such line)")
+        } else {
+            String::new()
+        };
+        log::warn!("worker {name}: refused {peer}: {why}{more}");
+    }
+}
+
+/// Logs an accept() failure, at most one line a second for the whole
+/// worker (every idle thread sees the same failure on the same listener).
+fn note_accept_failure(name: &str, e: &io::Error) {
+    if let Some(more) = ACCEPT_FAILURES.note(sys::coarse_ms()) {
+        let since = if more > 0 {
+            format!("; {more} more since the last report")
+        } else {
+            String::new()
+        };
+        log::warn!("worker {name}: accept() failed: {e}{since}");
     }
 }
 
@@ -805,7 +868,7 @@ fn is_listener_gone(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
-fn is_resource_limit(e: &io::Error) -> bool {
+pub(super) fn is_resource_limit(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -813,7 +876,7 @@ fn is_resource_limit(e: &io::Error) -> bool {
 }
 
 /// Resets and broken pipes are the client's doing, not a handler fault.
-fn is_client_gone(e: &io::Error) -> bool {
+pub(super) fn is_client_gone(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset

@@ -1,0 +1,275 @@
+//! The accept gate of an event-driven worker: one thread that waits on the
+//! service's stream listeners and hands each accepted connection to the
+//! worker's event loop.
+//!
+//! Why a thread of its own: every worker of a service waits on the same
+//! accept queues (the master's sockets, rule 3), and a new connection
+//! should wake one of them, not all (the thundering herd). Linux offers
+//! that as EPOLLEXCLUSIVE, which only works for a thread that sleeps in
+//! epoll_wait on the epoll set holding the listener: tokio's reactor (mio)
+//! does not expose the flag, and an epoll set nested in the reactor's
+//! loses the exclusivity (the kernel counts a wake-up as taken only when
+//! the set has a sleeping waiter, which a nested set never has). Per-worker
+//! SO_REUSEPORT sockets would each have a queue that dies with its worker.
+//! So the gate sleeps in its own epoll_wait with the listeners registered
+//! EPOLLEXCLUSIVE, and the loop never sees them.
+//!
+//! Spreading: an exclusive wake-up goes to the first sleeping waiter in the
+//! listener's wait queue, which would be the same worker every time. After
+//! each wake-up the gate takes itself out of the queues and back in (at
+//! the tail), so the workers of a service take turns.
+//!
+//! Capacity: at `worker_connections` the gate leaves the queues (the other
+//! workers take what comes) and counts it in the scoreboard ("full");
+//! the loop wakes it through an eventfd when a connection ends.
+//!
+//! Owns: the worker's stream listeners (its copies), its epoll set, and the
+//! sending half of the hand-off channel, dropped when the worker stops: the
+//! loop's signal that no more connections come.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::handler::{Addr, Stream};
+use crate::listener::WorkerSocket;
+use crate::scoreboard::Slot;
+use crate::sys;
+
+/// An accepted connection, on its way to the loop.
+pub(super) struct Handoff {
+    /// The socket, nonblocking and close-on-exec.
+    pub stream: Stream,
+    pub peer: Addr,
+    /// Index of its listener in the worker's socket list.
+    pub listener: usize,
+}
+
+/// What the gate and the loop share.
+pub(super) struct Capacity {
+    /// Connections handed to the loop and not yet ended.
+    pub open: AtomicUsize,
+    /// `worker_connections`.
+    pub limit: usize,
+    /// The gate has left the queues because the worker is full.
+    paused: AtomicBool,
+    /// Written by the loop when a connection ends while the gate is paused.
+    resume: EventFd,
+}
+
+impl Capacity {
+    pub fn new(limit: usize) -> io::Result<Arc<Capacity>> {
+        Ok(Arc::new(Capacity {
+            open: AtomicUsize::new(0),
+            limit,
+            paused: AtomicBool::new(false),
+            resume: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+        }))
+    }
+
+    /// A connection has ended (called by the loop).
+    pub fn release(&self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        // SeqCst on both sides: either the gate sees the lower count after
+        // it paused, or we see that it paused.
+        if self.paused.load(Ordering::SeqCst) {
+            let _ = self.resume.write(1);
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.open.load(Ordering::SeqCst) >= self.limit
+    }
+}
+
+/// Epoll tokens.
+const WAKE: u64 = u64::MAX;
+const RESUME: u64 = u64::MAX - 1;
+/// Most connections taken from one listener per wake-up before the gate
+/// goes to the back of the queue: the others' turn.
+const BATCH: usize = 8;
+/// Most connections a stopping gate takes from one listener (a wake-up
+/// meant for it may have come just before the stop; see
+/// src/worker/mod.rs, `take_signalled`).
+const STOP_PICKUP: usize = 4;
+
+/// The gate thread: accepts until the worker stops, then drops `tx`.
+pub(super) struct Gate {
+    pub name: String,
+    /// The stream listeners, with their index in the worker's list.
+    pub listeners: Vec<(usize, WorkerSocket)>,
+    pub tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+    pub capacity: Arc<Capacity>,
+    pub board: Option<Slot>,
+}
+
+impl Gate {
+    /// Runs the gate; an error (epoll) stops the worker, not cleanly.
+    pub fn run(self) -> io::Result<()> {
+        let result = self.accept_loop();
+        if result.is_err() {
+            sys::request_shutdown();
+        }
+        result
+    }
+
+    fn register(&self, ep: &Epoll, on: bool) -> io::Result<()> {
+        for (k, (_, l)) in self.listeners.iter().enumerate() {
+            if on {
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                ep.add(l.as_fd(), EpollEvent::new(flags, k as u64))?;
+            } else {
+                ep.delete(l.as_fd())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn accept_loop(&self) -> io::Result<()> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        ep.add(
+            sys::shutdown_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE),
+        )?;
+        ep.add(
+            self.capacity.resume.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, RESUME),
+        )?;
+        let mut registered = false;
+        let mut events = [EpollEvent::empty(); 8];
+        while !sys::shutdown_requested() {
+            if !registered && !self.pause_if_full() {
+                self.register(&ep, true)?;
+                registered = true;
+            }
+            let n = match ep.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if sys::shutdown_requested() {
+                break;
+            }
+            let mut fired = Vec::new();
+            for ev in &events[..n] {
+                match ev.data() {
+                    WAKE => {}
+                    RESUME => {
+                        let _ = self.capacity.resume.read();
+                    }
+                    k => fired.push(k as usize),
+                }
+            }
+            if !registered {
+                continue;
+            }
+            for k in fired {
+                if !self.take(k, BATCH)? {
+                    return Ok(()); // the loop is gone
+                }
+            }
+            // To the back of every queue (or out of them, when full).
+            self.register(&ep, false)?;
+            registered = false;
+        }
+        if registered {
+            self.register(&ep, false)?;
+        }
+        for k in 0..self.listeners.len() {
+            if !readable_now(self.listeners[k].1.as_fd()) {
+                continue;
+            }
+            if !self.take(k, STOP_PICKUP)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the gate paused when the worker is full; false when it is not
+    /// (any more).
+    fn pause_if_full(&self) -> bool {
+        if !self.capacity.is_full() {
+            self.capacity.paused.store(false, Ordering::SeqCst);
+            return false;
+        }
+        let was = self.capacity.paused.swap(true, Ordering::SeqCst);
+        // Seen full after saying so: a release from now on writes `resume`.
+        if !self.capacity.is_full() {
+            self.capacity.paused.store(false, Ordering::SeqCst);
+            return false;
+        }
+        if !was && let Some(b) = &self.board {
+            b.full();
+        }
+        true
+    }
+
+    /// Accepts up to `most` connections from listener `k` while the worker
+    /// has room and hands them over; false once the loop is gone.
+    fn take(&self, k: usize, most: usize) -> io::Result<bool> {
+        let (index, listener) = &self.listeners[k];
+        for _ in 0..most {
+            if self.capacity.is_full() {
+                break;
+            }
+            match accept(listener) {
+                Ok((stream, peer)) => {
+                    self.capacity.open.fetch_add(1, Ordering::SeqCst);
+                    let handoff = Handoff {
+                        stream,
+                        peer,
+                        listener: *index,
+                    };
+                    if self.tx.send(handoff).is_err() {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break, // shut down by the master
+                Err(e) => {
+                    super::note_accept_failure(&self.name, &e);
+                    if super::is_resource_limit(&e) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Accepts one connection, nonblocking and close-on-exec (accept4: no
+/// extra fcntl).
+fn accept(listener: &WorkerSocket) -> io::Result<(Stream, Addr)> {
+    let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    let (socket, addr) = socket2::SockRef::from(listener).accept4(flags)?;
+    let fd: std::os::fd::OwnedFd = socket.into();
+    match listener {
+        WorkerSocket::Tcp(_) => {
+            let peer = addr
+                .as_socket()
+                .ok_or_else(|| io::Error::other("accept4() gave a TCP peer without an address"))?;
+            Ok((Stream::Tcp(fd.into()), Addr::Inet(peer)))
+        }
+        WorkerSocket::Unix(_) => {
+            let peer = addr.as_pathname().map(std::path::Path::to_path_buf);
+            Ok((Stream::Unix(fd.into()), Addr::Unix(peer)))
+        }
+        _ => Err(io::Error::other("a datagram socket is not accepted")),
+    }
+}
+
+/// Whether a listener has a connection waiting.
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+}
