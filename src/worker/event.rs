@@ -303,6 +303,11 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
     }
 }
 
+/// An admitted connection: the connection, its handler, what the
+/// scoreboard shows while it runs (start, peer), and its place among the
+/// oldest.
+type Admitted = (AsyncConnection, Rc<dyn DynAsyncStream>, (u64, Peer), u64);
+
 /// Checks a new connection against `allow`/`deny` and
 /// `max_connections_per_ip` (a refused one is closed at once), registers
 /// it with the loop and publishes it: the connection, its handler, what
@@ -310,7 +315,7 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
 fn admit(
     ended: &mut Ended,
     handoff: Handoff,
-) -> Option<(AsyncConnection, Rc<dyn DynAsyncStream>, (u64, Peer), u64)> {
+) -> Option<Admitted> {
     let ctx = &ended.ctx;
     let Handoff {
         stream,
