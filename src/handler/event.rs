@@ -410,6 +410,12 @@ impl AsyncConnection {
                 });
             }
             if stopping {
+                // The loop's readiness may lag the socket (an event not
+                // polled yet): ask the socket itself before saying that
+                // nothing more has come.
+                if let Some(n) = self.read_direct(&mut chunk)? {
+                    return Ok(if n == 0 { Input::Eof } else { Input::Data(chunk) });
+                }
                 if self.received {
                     return Ok(Input::Shutdown);
                 }
@@ -427,6 +433,28 @@ impl AsyncConnection {
             drop(chunk);
             self.wait_input(true, false).await?;
             chunk = self.shared.pool.take();
+        }
+    }
+
+    /// One read straight from the socket, past the loop's idea of its
+    /// readiness: Some(bytes, 0 = EOF), or None when nothing has arrived.
+    fn read_direct(&mut self, chunk: &mut Chunk) -> io::Result<Option<usize>> {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_fd().as_raw_fd();
+        match recv(fd, chunk.space(), MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => {
+                chunk.len = n;
+                self.bytes_in += n as u64;
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    self.received = true;
+                }
+                Ok(Some(n))
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
