@@ -274,7 +274,7 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
     };
     let outcome = Guarded {
         future: handler.handle_boxed(&mut conn),
-        board: ended.ctx.board,
+        board: &ended.ctx.board,
         running,
     }
     .await;
@@ -377,7 +377,7 @@ fn to_async(stream: Stream) -> io::Result<AsyncStream> {
 /// closed; the loop goes on).
 struct Guarded<'a, T> {
     future: Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>,
-    board: Option<Slot>,
+    board: &'a Option<Slot>,
     running: (u64, Peer),
 }
 
@@ -620,7 +620,7 @@ async fn answer_later(
     };
     let outcome = GuardedDatagram {
         future: handler.handle_boxed(&datagram, &mut reply),
-        board: ctx.board,
+        board: &ctx.board,
         running: (sys::coarse_ms(), seen),
     }
     .await;
