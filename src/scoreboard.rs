@@ -121,10 +121,11 @@ const F_INET4: u64 = 4;
 const F_INET6: u64 = 6;
 
 /// Blocks in the region (32 MiB of address space; only what is claimed is
-/// ever touched). A worker takes one block per accept thread, and with
-/// `max_connections_per_ip` a quarter block per bucket: a worker of 1024
-/// threads takes 2048, an event-driven worker of 10,000 connections 16,392,
-/// so that sixty of those fit, a reload's second generation included. A
+/// ever touched). A worker takes one block per entry, and with
+/// `max_connections_per_ip` half a block per bucket (two buffers of one
+/// word each): a worker of 1024 threads takes 2048, an event-driven worker
+/// of 10,000 connections 16,392, so that sixty of those fit, a reload's
+/// second generation included. A
 /// worker for which no range is left serves without it (its connections
 /// are not in status, or not counted by `max_connections_per_ip`), and the
 /// master logs it.
