@@ -25,7 +25,9 @@
 
 use std::io;
 
-use preforkd::handler::{AsyncConnection, AsyncStreamHandler, Handlers, Input, PluginInfo, Registry};
+use preforkd::handler::{
+    AsyncConnection, AsyncStreamHandler, Handlers, Input, PluginInfo, Registry,
+};
 
 /// gevent's `handle(socket, address)`: one task per client on the
 /// worker's loop.

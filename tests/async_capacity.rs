@@ -37,7 +37,9 @@ fn async_service(name: &str, listen: &[&str], plugin: &str, extra: &str) -> Stri
 /// One test holding thousands of connections at a time.
 fn heavy() -> MutexGuard<'static, ()> {
     static HEAVY: Mutex<()> = Mutex::new(());
-    HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; false (with a line
@@ -483,6 +485,50 @@ fn a_full_worker_leaves_connections_in_the_queue() {
     assert_eq!(d.count_log("refused"), 0, "{}", d.log_text());
 }
 
+#[test]
+fn the_master_raises_the_soft_file_limit_for_its_workers() {
+    let _heavy = heavy();
+    if !nofile(1000) {
+        return;
+    }
+    // Started with a soft limit of 256: a worker that kept it would fail
+    // its accepts (EMFILE) long before 600 connections.
+    let dir = tempdir();
+    let config = dir.path().join("preforkd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{CONTROL}{}",
+            async_service(
+                "echo",
+                &["tcp://127.0.0.1:0"],
+                "echo",
+                "workers = 1\nworker_connections = 1000"
+            )
+        )
+        .replace("{dir}", dir.path().to_str().unwrap()),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" -c \"$1\"")
+        .arg(bin())
+        .arg(&config);
+    let d = Daemon::spawn(cmd, dir, &[]);
+    d.wait_ready();
+    let line = d.wait_log("raised the open files limit from 256 to ");
+    assert!(line.contains("(the hard limit"), "{line}");
+    let mut conns = open(d.addr("tcp", "echo"), 600);
+    let fates = exchange_all(&mut conns, Duration::from_secs(15));
+    assert_eq!(
+        count(&fates, |f| *f == Fate::Echoed),
+        600,
+        "first others: {:?}\nlog (tail):\n{}",
+        others(&fates, |f| *f == Fate::Echoed),
+        tail(&d.log_text(), 20)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Access control.
 
@@ -770,7 +816,10 @@ fn config_errors_of_the_async_mode() {
         let n = hard + 1;
         let m = check_error(
             &b,
-            &one(&format!("mode = \"async\"\nworker_connections = {n}"), "echo"),
+            &one(
+                &format!("mode = \"async\"\nworker_connections = {n}"),
+                "echo",
+            ),
             &format!("{n}\n"),
         );
         assert!(
@@ -858,7 +907,11 @@ fn datagrams_and_builtins_in_async_mode() {
         "{CONTROL}{}{}{}{}",
         async_service(
             "echo",
-            &["udp://127.0.0.1:0", "unixgram:{dir}/echo.dgram", "unix:{dir}/echo.sock"],
+            &[
+                "udp://127.0.0.1:0",
+                "unixgram:{dir}/echo.dgram",
+                "unix:{dir}/echo.sock"
+            ],
             "echo",
             "workers = 2"
         ),
@@ -874,12 +927,7 @@ fn datagrams_and_builtins_in_async_mode() {
             "discard",
             "workers = 1"
         ),
-        async_service(
-            "chargen",
-            &["udp://127.0.0.1:0"],
-            "chargen",
-            "workers = 1"
-        ),
+        async_service("chargen", &["udp://127.0.0.1:0"], "chargen", "workers = 1"),
     );
     let d = Daemon::start(&config);
     d.wait_ready();
@@ -955,7 +1003,10 @@ fn chargen_stops_on_sigterm_with_fin() {
             }
             Err(e) => panic!("after {at} bytes: {e} (want EOF); log:\n{}", d.log_text()),
         }
-        assert!(t.elapsed() < DEADLINE, "chargen still sending after SIGTERM");
+        assert!(
+            t.elapsed() < DEADLINE,
+            "chargen still sending after SIGTERM"
+        );
     }
     let status = d.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "{}", d.log_text());
@@ -1016,7 +1067,10 @@ fn the_gevent_echo_example_echoes_and_answers_eof_with_fin() {
     };
     s.write_all(&sent).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
-    let back = reader.join().unwrap().expect("EOF after the echo, not a reset");
+    let back = reader
+        .join()
+        .unwrap()
+        .expect("EOF after the echo, not a reset");
     assert_eq!(back.len(), sent.len());
     assert!(back == sent, "the echo differs");
     // The same over the Unix socket.
@@ -1025,7 +1079,10 @@ fn the_gevent_echo_example_echoes_and_answers_eof_with_fin() {
     u.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut u).unwrap(), b"over unix");
     // The plugin serves async mode only, and says so.
-    let out = std::process::Command::new(&b).arg("plugins").output().unwrap();
+    let out = std::process::Command::new(&b)
+        .arg("plugins")
+        .output()
+        .unwrap();
     let text = stdout(&out);
     let line = text
         .lines()
@@ -1045,6 +1102,18 @@ fn the_gevent_echo_example_echoes_and_answers_eof_with_fin() {
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
 }
 
+/// The connections `status` lists for the one worker of `service`: their
+/// ages (ms), in the order listed.
+fn listed_ages(d: &Daemon, service: &str) -> Vec<u64> {
+    let v = status(d);
+    status_workers(&v, service)[0]["connections"]
+        .as_array()
+        .expect("connections in status")
+        .iter()
+        .map(|c| c["age_ms"].as_u64().expect("age_ms"))
+        .collect()
+}
+
 #[test]
 fn status_lists_only_the_oldest_connections() {
     let d = Daemon::start(&format!(
@@ -1052,20 +1121,39 @@ fn status_lists_only_the_oldest_connections() {
         async_service("echo", &["unix:{dir}/echo.sock"], "echo", "workers = 1")
     ));
     d.wait_ready();
-    let conns: Vec<UnixStream> = (0..40)
-        .map(|_| connect_unix(&d.path("echo.sock")).unwrap())
-        .collect();
-    let c = wait_counts(&d, "echo", "40 connections", |c| {
-        c.len() == 1 && c[0].active == 40
-    });
-    let v = status(&d);
-    let listed = status_workers(&v, "echo")[0]["connections"]
-        .as_array()
-        .expect("connections in status")
-        .len();
+    let conns = |n: usize| -> Vec<UnixStream> {
+        (0..n)
+            .map(|_| connect_unix(&d.path("echo.sock")).unwrap())
+            .collect()
+    };
+    // 16 old ones, then (300 ms older: not a wait for anything, the age
+    // difference the test looks for) 32 young ones.
+    let old = conns(16);
+    wait_counts(&d, "echo", "16 connections", |c| c[0].active == 16);
+    std::thread::sleep(Duration::from_millis(300));
+    let young = conns(32);
+    let c = wait_counts(&d, "echo", "48 connections", |c| c[0].active == 48);
+    let ages = listed_ages(&d, "echo");
     assert!(
-        (1..=16).contains(&listed),
-        "{listed} connections listed for {c:?}: the oldest few, not all"
+        (1..=16).contains(&ages.len()),
+        "{} connections listed for {c:?}: the oldest few, not all",
+        ages.len()
     );
-    drop(conns);
+    assert!(
+        ages.windows(2).all(|w| w[0] >= w[1]),
+        "oldest first: {ages:?}"
+    );
+    assert!(
+        ages.iter().all(|&a| a >= 250),
+        "the oldest are listed, not the young ones: {ages:?}"
+    );
+    // The old ones leave: the young ones take their places in the list.
+    drop(old);
+    wait_counts(&d, "echo", "the 32 young ones", |c| c[0].active == 32);
+    let ages = listed_ages(&d, "echo");
+    assert!(
+        (1..=16).contains(&ages.len()),
+        "after the oldest left: {ages:?}"
+    );
+    drop(young);
 }
