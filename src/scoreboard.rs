@@ -780,6 +780,34 @@ impl Slot {
         }
     }
 
+    /// The fewest connections a live, ready sibling (another worker of
+    /// this slot's service, heartbeat younger than `fresh_ms`) is serving
+    /// now; None when there is none. One load per slot up to the highest
+    /// claimed: the accept gate's balance (src/worker/gate.rs).
+    pub fn least_loaded_sibling(&self, now_ms: u64, fresh_ms: u64) -> Option<u64> {
+        let service = self.words()[W_SERVICE].load(Ordering::Relaxed);
+        if service == 0 {
+            return None;
+        }
+        let mut least: Option<u64> = None;
+        for i in 0..self.table.high() {
+            if i == self.index {
+                continue;
+            }
+            let w = self.table.slot(i);
+            if w[W_SERVICE].load(Ordering::Relaxed) != service
+                || w[W_PID].load(Ordering::Relaxed) == 0
+                || State::from_word(w[W_STATE].load(Ordering::Relaxed)) != State::Ready
+                || now_ms.saturating_sub(w[W_HEARTBEAT].load(Ordering::Relaxed)) > fresh_ms
+            {
+                continue;
+            }
+            let active = w[W_ACTIVE].load(Ordering::Relaxed);
+            least = Some(least.map_or(active, |l| l.min(active)));
+        }
+        least
+    }
+
     /// A connection or datagram was refused.
     pub fn refused(&self) {
         self.words()[W_REFUSED].fetch_add(1, Ordering::Relaxed);
