@@ -179,23 +179,22 @@ impl Gate {
             if sys::shutdown_requested() {
                 break;
             }
-            let mut fired = Vec::new();
             for ev in &events[..n] {
                 match ev.data() {
                     WAKE => {}
                     RESUME => {
                         let _ = self.capacity.resume.read();
                     }
-                    k => fired.push(k as usize),
+                    k if registered => {
+                        if !self.take(k as usize, BATCH)? {
+                            return Ok(()); // the loop is gone
+                        }
+                    }
+                    _ => {}
                 }
             }
             if !registered {
                 continue;
-            }
-            for k in fired {
-                if !self.take(k, BATCH)? {
-                    return Ok(()); // the loop is gone
-                }
             }
             // To the back of every queue (or out of them, when full).
             self.register(&ep, false)?;
