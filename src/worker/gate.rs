@@ -185,10 +185,8 @@ impl Gate {
                     RESUME => {
                         let _ = self.capacity.resume.read();
                     }
-                    k if registered => {
-                        if !self.take(k as usize, BATCH)? {
-                            return Ok(()); // the loop is gone
-                        }
+                    k if registered && !self.take(k as usize, BATCH)? => {
+                        return Ok(()); // the loop is gone
                     }
                     _ => {}
                 }
