@@ -3,16 +3,19 @@
 //! environment (`PROTO`, `TCPREMOTEIP`, …). On datagram sockets: one run per
 //! datagram, the payload on stdin, stdout (at most [`MAX_REPLY`]) the reply.
 //!
-//! This file holds what any wait for a program needs: the options, a
-//! run's environment, starting the program, when to stop it
+//! It serves both worker modes. This file holds what they share: the
+//! options, a run's environment, starting the program, when to stop it
 //! ([`Deadlines`]), its stderr in the log and what the log says of its
 //! end. A `mode = "threads"` worker waits for each program on the thread
-//! that serves the connection (`threads.rs`, poll(2)).
+//! that serves the connection (`threads.rs`, poll(2)); a `mode = "async"`
+//! worker waits for all of them on its one loop, each program's pidfd and
+//! pipes registered with the loop, no thread per program (`event.rs`).
 //!
 //! Owns: nothing beyond a run: its pipes, pidfd and process group belong
 //! to the handler call that started it, which reaps the program before it
 //! returns.
 
+mod event;
 mod threads;
 
 use std::collections::BTreeMap;
@@ -22,12 +25,13 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 
-use super::{Addr, Datagram, Handlers, IO_TICK, PluginContext, PluginInfo};
+use super::{Addr, Datagram, Handlers, IO_TICK, PluginContext, PluginInfo, WorkerMode};
 use crate::sys;
 
 const OPTIONS: &[&str] = &["command", "env", "clear_env", "cwd", "timeout"];
@@ -191,9 +195,21 @@ pub(super) fn plugin() -> PluginInfo {
     PluginInfo::new(
         "exec",
         "runs a program per connection (inetd/tcpserver style, UCSPI environment)",
-        |ctx| Ok(Handlers::both(parse(ctx)?)),
+        |ctx| {
+            let exec = parse(ctx)?;
+            Ok(match ctx.mode {
+                WorkerMode::Threads => Handlers::both(exec),
+                WorkerMode::Async => {
+                    let exec = Rc::new(exec);
+                    Handlers::default()
+                        .with_async(event::ExecAsync(exec.clone()))
+                        .with_async_datagram(event::ExecAsync(exec))
+                }
+            })
+        },
     )
     .serves(true, true)
+    .modes(true, true)
     .with_check(|ctx| parse(ctx).map(drop))
 }
 
