@@ -651,8 +651,10 @@ impl AsyncConnection {
     pub fn discard_input(&mut self) -> io::Result<()> {
         self.inbuf = Vec::new();
         let mut chunk = self.shared.pool.take();
+        // Straight from the socket: the loop's readiness may not have seen
+        // the last bytes yet, and unread input turns a close into a reset.
         loop {
-            match self.read_into(&mut chunk)? {
+            match self.read_direct(&mut chunk)? {
                 Some(0) | None => return Ok(()),
                 Some(_) => {}
             }
