@@ -1,11 +1,14 @@
 //! The lifecycle of `mode = "async"` workers on the real binary: graceful
-//! stop and reload end each connection at a request boundary with a FIN;
-//! SIGINT and SIGQUIT stop fast; a reload and a binary upgrade under 500
-//! connections of request/response load lose nothing; the heartbeat finds
-//! a handler that blocks the loop; `max_requests` and `max_age` recycle
-//! without shrinking capacity; dynamic and ondemand pools count
-//! connections against `worker_connections`; `status` shows the oldest
-//! few connections of each worker.
+//! stop and reload end each connection at a request boundary with a FIN
+//! (`graceful_timeout` bounds a stop that cannot finish); SIGINT and
+//! SIGQUIT stop fast; a reload and a binary upgrade under 500 connections
+//! of request/response load lose nothing, and so do reloads between
+//! `mode = "threads"` and `"async"`; the heartbeat finds a handler that
+//! blocks the loop, and a blocked loop takes no new connection;
+//! `max_requests` and `max_age` recycle without shrinking capacity;
+//! dynamic and ondemand pools count connections against
+//! `worker_connections`; `status` shows the oldest few connections of each
+//! worker.
 //!
 //! This file has its own `main` (`harness = false` in Cargo.toml). With
 //! `PREFORKD_TEST_DAEMON=1` in its environment the test binary *is* a
@@ -823,6 +826,56 @@ fn sigterm_during_a_stream_ends_it_at_a_boundary() {
     let status = d.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log_text());
     assert!(!d.log_text().contains("SIGKILL"), "log:\n{}", d.log_text());
+}
+
+/// SIGTERM while a client sends and never reads: the echo owed to it
+/// cannot be written, so the worker cannot finish; `graceful_timeout`
+/// bounds the stop (the master kills the worker at its deadline) and the
+/// master exits 0.
+fn sigterm_with_a_client_that_never_reads_ends_at_graceful_timeout() {
+    let mut d = start(&async_service(
+        "echo",
+        "echo",
+        "workers = 1\ngraceful_timeout = \"1s\"",
+    ));
+    d.wait_ready();
+    let addr = d.addr("tcp", "echo");
+    let mut idle = idle_connection(addr);
+    let stuck = connect(addr).unwrap();
+    let writer = {
+        let mut s = stuck.try_clone().unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                if s.write_all(&chunk).is_err() {
+                    break; // our buffers are full, or the worker is gone
+                }
+            }
+        })
+    };
+    // Both directions full: the writer's last write timed out.
+    writer.join().unwrap();
+    assert!(pending(&stuck) > 0, "the writer was not accepted");
+
+    let sent = Instant::now();
+    d.signal(libc::SIGTERM);
+    // The idle connection is closed at its boundary, at once.
+    let rest = read_to_eof(&mut idle)
+        .unwrap_or_else(|e| panic!("idle connection: {e}; log:\n{}", d.log_text()));
+    assert!(rest.is_empty(), "{rest:?}");
+    let status = d.wait_exit(DEADLINE);
+    let waited = sent.elapsed();
+    let log = d.log_text();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_secs(10),
+        "stopped {waited:?} after SIGTERM, graceful_timeout 1s:\n{log}"
+    );
+    assert!(
+        log.contains("still running at its stop deadline; sending SIGKILL"),
+        "log:\n{log}"
+    );
 }
 
 /// SIGHUP with a changed config while 100 kept-alive clients run: the old
@@ -1703,7 +1756,7 @@ fn main() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
         libc::setrlimit(libc::RLIMIT_CORE, &no_core);
     }
-    let tests: [(&str, fn()); 16] = [
+    let tests: [(&str, fn()); 17] = [
         (
             "sigterm_under_load_ends_every_connection_with_fin",
             sigterm_under_load_ends_every_connection_with_fin,
@@ -1715,6 +1768,10 @@ fn main() {
         (
             "sigterm_mid_line_waits_for_the_rest",
             sigterm_mid_line_waits_for_the_rest,
+        ),
+        (
+            "sigterm_with_a_client_that_never_reads_ends_at_graceful_timeout",
+            sigterm_with_a_client_that_never_reads_ends_at_graceful_timeout,
         ),
         (
             "sighup_under_load_ends_old_connections_with_fin",
