@@ -15,18 +15,18 @@
 //! EPOLLEXCLUSIVE, and the loop never sees them.
 //!
 //! Spreading: an exclusive wake-up goes to the first sleeping waiter in the
-//! listener's wait queue, which would be the same worker every time. After
-//! each wake-up the gate takes itself out of the queues and back in (at
-//! the tail), so the workers of a service take turns. That alone holds on
-//! a quiet machine; on a busy one the gate that happens to be running
-//! takes a burst (a listener with connections waiting is ready again the
-//! moment it is registered), and 1,000 connections spread 3:1 over 8
-//! workers. So a gate also stays out of the queues while its worker serves
-//! `AHEAD_SLACK` (or an eighth) more connections than the least loaded
-//! live sibling of its service, looking again every 5 ms: nginx's
+//! listener's wait queue, so at light load one worker takes every new
+//! connection (one busy loop beats several half-idle ones, as nginx's
+//! workers behave with EPOLLEXCLUSIVE). Past `AHEAD_FLOOR` connections a
+//! gate leaves the queues while its worker serves `AHEAD_SLACK` (or an
+//! eighth) more connections than the least loaded live sibling of its
+//! service, looking again every 5 ms, and comes back at the tail: nginx's
 //! `ngx_accept_disabled`, measured against the siblings rather than the
 //! limit. The least loaded worker is never held back, so the queue is
-//! always served.
+//! always served. (A first version took every gate out of the queues and
+//! back in after each wake-up, so that the workers took turns: two
+//! syscalls per wake-up, and on a busy machine the gate that happened to be
+//! running still took whole bursts.)
 //!
 //! Capacity: at `worker_connections` the gate leaves the queues (the other
 //! workers take what comes) and counts it in the scoreboard ("full");
@@ -133,6 +133,11 @@ const BATCH: usize = 8;
 /// it leaves the queue to the others (at least; an eighth of the
 /// sibling's count above that).
 const AHEAD_SLACK: u64 = 4;
+/// Below this many connections a worker is never ahead: at light load the
+/// first waiting worker takes every new connection (one busy loop beats
+/// several half-idle ones for cache and wake-ups), as nginx's workers do
+/// with EPOLLEXCLUSIVE.
+const AHEAD_FLOOR: u64 = 16;
 /// How often a gate that is ahead looks again (ms).
 const AHEAD_RECHECK_MS: u16 = 5;
 /// A sibling whose heartbeat is older than this is not waited for (ms).
@@ -222,12 +227,14 @@ impl Gate {
                     _ => {}
                 }
             }
-            if !registered {
-                continue;
+            // Out of the queues when full, blocked or ahead of a sibling;
+            // otherwise it stays where it is.
+            if registered
+                && (self.capacity.is_full() || self.capacity.is_stalled() || self.ahead())
+            {
+                self.register(&ep, false)?;
+                registered = false;
             }
-            // To the back of every queue (or out of them, when full).
-            self.register(&ep, false)?;
-            registered = false;
         }
         if registered {
             self.register(&ep, false)?;
@@ -249,12 +256,16 @@ impl Gate {
     /// The least loaded worker is never ahead, so the queue is always
     /// served; a sibling whose loop has stopped (stale heartbeat) does not
     /// count.
+    /// Below [`AHEAD_FLOOR`] it costs one load (no scan of the siblings).
     fn ahead(&self) -> bool {
+        let mine = self.capacity.open.load(Ordering::SeqCst) as u64;
+        if mine < AHEAD_FLOOR {
+            return false;
+        }
         let Some(b) = &self.board else { return false };
         let Some(least) = b.least_loaded_sibling(sys::coarse_ms(), SIBLING_FRESH_MS) else {
             return false;
         };
-        let mine = self.capacity.open.load(Ordering::SeqCst) as u64;
         mine >= least + (least / 8).max(AHEAD_SLACK)
     }
 
