@@ -27,12 +27,15 @@
 //!   `stop`, `scale`), both sides.
 //! - [`daemon`]: `--daemon`, detaching and the launcher's wait.
 //! - [`systemd`]: sd_notify messages, socket activation (`LISTEN_FDS`).
-//! - [`worker`]: what a forked worker runs: accept, verify, handle.
+//! - [`worker`]: what a forked worker runs: accept, verify, handle; with
+//!   `mode = "async"`, an event loop (`worker/event.rs`) fed by an accept
+//!   thread (`worker/gate.rs`).
 //! - [`acl`]: a service's `allow` and `deny` lists.
 //! - [`handler`]: the plugin API (handler traits, `Handlers`, `PluginInfo`,
 //!   `PluginContext`, the `Registry`) and the built-in plugins (echo,
 //!   discard, daytime, chargen, exec, dylib); `handler/connection.rs` is the
-//!   connection a stream handler is given, reads and writes on an `IO_TICK`.
+//!   connection a stream handler is given, reads and writes on an `IO_TICK`;
+//!   `handler/event.rs` the one an async handler is given.
 //! - [`scoreboard`]: the workers' shared-memory slots.
 //! - [`stats`]: the master's counters, shared with the metrics process.
 //! - [`metrics`]: the `[metrics]` process, Prometheus text over HTTP.

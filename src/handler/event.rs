@@ -29,7 +29,7 @@ use super::{Addr, IO_TICK, Recv, Sent};
 pub const CHUNK: usize = 16 * 1024;
 /// Buffers a pool keeps for reuse; more in use at once are freed when
 /// given back.
-const POOL_KEEP: usize = 64;
+const POOL_KEEP: usize = 8;
 
 /// The buffers a worker's connections read into, lent one read at a time.
 #[derive(Default)]
@@ -159,6 +159,9 @@ pub struct Shared {
     pub service: Rc<str>,
     /// `idle_timeout` (zero: none).
     pub idle_timeout: Duration,
+    /// The address of each listener, by index (a connection keeps its
+    /// listener's index, not a copy).
+    pub locals: Vec<Addr>,
 }
 
 /// A connected stream socket on the loop.
@@ -189,11 +192,18 @@ impl AsyncStream {
         }
     }
 
-    async fn writable(&self) -> io::Result<()> {
+    /// Whether the socket can take output (the waker kept in the
+    /// registration itself: no waiter node in the future, which keeps an
+    /// idle connection's future small).
+    fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            AsyncStream::Tcp(s) => s.writable().await,
-            AsyncStream::Unix(s) => s.writable().await,
+            AsyncStream::Tcp(s) => s.poll_write_ready(cx),
+            AsyncStream::Unix(s) => s.poll_write_ready(cx),
         }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write_ready(cx)).await
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
@@ -222,7 +232,8 @@ enum Woke {
 pub struct AsyncConnection {
     pub(crate) stream: AsyncStream,
     peer: Addr,
-    local: Addr,
+    /// Its listener, in `shared.locals`.
+    local: u32,
     shared: Rc<Shared>,
     /// Key in the stop's list of waiting connections, once it has waited.
     stop_key: Option<usize>,
@@ -239,7 +250,7 @@ pub struct AsyncConnection {
 }
 
 impl AsyncConnection {
-    pub(crate) fn new(stream: AsyncStream, peer: Addr, local: Addr, shared: Rc<Shared>) -> Self {
+    pub(crate) fn new(stream: AsyncStream, peer: Addr, local: u32, shared: Rc<Shared>) -> Self {
         AsyncConnection {
             stream,
             peer,
@@ -262,7 +273,11 @@ impl AsyncConnection {
 
     /// The address the client connected to.
     pub fn local_addr(&self) -> &Addr {
-        &self.local
+        static UNKNOWN: Addr = Addr::Unix(None);
+        self.shared
+            .locals
+            .get(self.local as usize)
+            .unwrap_or(&UNKNOWN)
     }
 
     /// The service this connection belongs to.
@@ -325,8 +340,10 @@ impl AsyncConnection {
                 }
             }
         });
+        // The timers boxed: an idle connection's future holds no room for
+        // them unless it has one.
         if first_tick {
-            return tokio::time::timeout(IO_TICK, wait)
+            return Box::pin(tokio::time::timeout(IO_TICK, wait))
                 .await
                 .unwrap_or(Ok(Woke::Stopped));
         }
@@ -334,7 +351,7 @@ impl AsyncConnection {
         if idle.is_zero() {
             return wait.await;
         }
-        let waited = tokio::time::timeout(idle, wait).await;
+        let waited = Box::pin(tokio::time::timeout(idle, wait)).await;
         waited.unwrap_or_else(|_| Err(self.idle_error()))
     }
 
@@ -393,6 +410,12 @@ impl AsyncConnection {
                 });
             }
             if stopping {
+                // The loop's readiness may lag the socket (an event not
+                // polled yet): ask the socket itself before saying that
+                // nothing more has come.
+                if let Some(n) = self.read_direct(&mut chunk)? {
+                    return Ok(if n == 0 { Input::Eof } else { Input::Data(chunk) });
+                }
                 if self.received {
                     return Ok(Input::Shutdown);
                 }
@@ -410,6 +433,28 @@ impl AsyncConnection {
             drop(chunk);
             self.wait_input(true, false).await?;
             chunk = self.shared.pool.take();
+        }
+    }
+
+    /// One read straight from the socket, past the loop's idea of its
+    /// readiness: Some(bytes, 0 = EOF), or None when nothing has arrived.
+    fn read_direct(&mut self, chunk: &mut Chunk) -> io::Result<Option<usize>> {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_fd().as_raw_fd();
+        match recv(fd, chunk.space(), MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => {
+                chunk.len = n;
+                self.bytes_in += n as u64;
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    self.received = true;
+                }
+                Ok(Some(n))
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -553,12 +598,11 @@ impl AsyncConnection {
                     let stop = self.shared.stop.clone();
                     let stream = &self.stream;
                     let key = &mut self.stop_key;
-                    let mut writable = std::pin::pin!(stream.writable());
                     poll_fn(|cx| {
                         if stop.is_set() {
                             return Poll::Ready(Ok(()));
                         }
-                        match writable.as_mut().poll(cx) {
+                        match stream.poll_write_ready(cx) {
                             Poll::Ready(r) => Poll::Ready(r),
                             Poll::Pending => {
                                 stop.register(key, cx.waker());

@@ -122,12 +122,12 @@ pub(crate) fn serve(spec: Loop<'_>) -> bool {
             stop: Rc::new(Stop::default()),
             service: svc.name.get_ref().as_str().into(),
             idle_timeout: svc.idle_timeout,
+            locals,
         }),
         name,
         stream: spec.handlers.async_stream,
         datagram: spec.handlers.datagram,
         async_datagram: spec.handlers.async_datagram,
-        locals,
         board: spec.board,
         acl: svc.acl.clone(),
         per_ip: svc.max_connections_per_ip,
@@ -163,8 +163,6 @@ struct Ctx {
     stream: Option<Rc<dyn DynAsyncStream>>,
     datagram: Option<Arc<dyn DatagramHandler>>,
     async_datagram: Option<Rc<dyn DynAsyncDatagram>>,
-    /// Each listener's local address, by index.
-    locals: Vec<Addr>,
     board: Option<Slot>,
     acl: acl::Acl,
     per_ip: u32,
@@ -267,21 +265,68 @@ impl Drop for Ended {
     }
 }
 
-/// One connection: the access rules, the handler, the clean close.
+/// One connection: the access rules, the handler, the clean close. What
+/// lives across the handler's wait is kept small (the setup is a plain
+/// function, the close boxed): it is what an idle connection costs.
 async fn connection(mut ended: Ended, handoff: Handoff) {
-    let ctx = ended.ctx.clone();
+    let Some((mut conn, handler, running, seq)) = admit(&mut ended, handoff) else {
+        return;
+    };
+    let outcome = Guarded {
+        future: handler.handle_boxed(&mut conn),
+        board: &ended.ctx.board,
+        running,
+    }
+    .await;
+    let ctx = &ended.ctx;
+    let peer = conn.peer_addr();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if conn.idle_expired() => {
+            log::debug!("worker {}: {peer}: closed: {e}", ctx.name);
+        }
+        Ok(Err(e)) if is_client_gone(&e) => {
+            log::debug!("worker {}: {peer}: client went away: {e}", ctx.name);
+        }
+        Ok(Err(e)) => log::warn!("worker {}: {peer}: handler error: {e}", ctx.name),
+        Err(()) => log::error!(
+            "worker {}: {peer}: handler panicked; connection closed",
+            ctx.name
+        ),
+    }
+    let (bytes_in, bytes_out) = conn.bytes();
+    Box::pin(conn.close_gracefully(LINGER)).await;
+    ctx.oldest.borrow_mut().close(seq);
+    if let Some(b) = ctx.board {
+        b.add_bytes(bytes_in, bytes_out);
+        b.end();
+    }
+}
+
+/// An admitted connection: the connection, its handler, what the
+/// scoreboard shows while it runs (start, peer), and its place among the
+/// oldest.
+type Admitted = (AsyncConnection, Rc<dyn DynAsyncStream>, (u64, Peer), u64);
+
+/// Checks a new connection against `allow`/`deny` and
+/// `max_connections_per_ip` (a refused one is closed at once), registers
+/// it with the loop and publishes it: the connection, its handler, what
+/// the scoreboard shows while it runs, and its place among the oldest.
+fn admit(
+    ended: &mut Ended,
+    handoff: Handoff,
+) -> Option<Admitted> {
+    let ctx = &ended.ctx;
     let Handoff {
         stream,
         peer,
         listener,
     } = handoff;
-    let Some(handler) = ctx.stream.clone() else {
-        return;
-    };
+    let handler = ctx.stream.clone()?;
     let (who, seen) = identify(&ctx.acl, &ctx.name, stream.as_fd(), &peer);
     if let Err(why) = ctx.acl.check(&who) {
         ctx.refusals.refuse(&ctx.name, ctx.board, &peer, &why);
-        return;
+        return None;
     }
     if let (acl::Peer::Ip(ip), Some(counter)) = (who, &ctx.ip) {
         ended.counted = Some(ip);
@@ -296,7 +341,7 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
                     ctx.per_ip
                 ),
             );
-            return;
+            return None;
         }
     }
     let stream = match to_async(stream) {
@@ -306,7 +351,7 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
                 "worker {}: {peer}: cannot watch the connection: {e}",
                 ctx.name
             );
-            return;
+            return None;
         }
     };
     if let Some(b) = ctx.board {
@@ -314,40 +359,8 @@ async fn connection(mut ended: Ended, handoff: Handoff) {
     }
     let start = sys::coarse_ms();
     let seq = ctx.oldest.borrow_mut().open(start, seen);
-    let local = ctx
-        .locals
-        .get(listener)
-        .cloned()
-        .unwrap_or(Addr::Unix(None));
-    let peer_text = peer.to_string();
-    let mut conn = AsyncConnection::new(stream, peer, local, ctx.shared.clone());
-    let outcome = Guarded {
-        future: handler.handle_boxed(&mut conn),
-        board: ctx.board,
-        running: (start, seen),
-    }
-    .await;
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if conn.idle_expired() => {
-            log::debug!("worker {}: {peer_text}: closed: {e}", ctx.name);
-        }
-        Ok(Err(e)) if is_client_gone(&e) => {
-            log::debug!("worker {}: {peer_text}: client went away: {e}", ctx.name);
-        }
-        Ok(Err(e)) => log::warn!("worker {}: {peer_text}: handler error: {e}", ctx.name),
-        Err(()) => log::error!(
-            "worker {}: {peer_text}: handler panicked; connection closed",
-            ctx.name
-        ),
-    }
-    let (bytes_in, bytes_out) = conn.bytes();
-    conn.close_gracefully(LINGER).await;
-    ctx.oldest.borrow_mut().close(seq);
-    if let Some(b) = ctx.board {
-        b.add_bytes(bytes_in, bytes_out);
-        b.end();
-    }
+    let conn = AsyncConnection::new(stream, peer, listener as u32, ctx.shared.clone());
+    Some((conn, handler, (start, seen), seq))
 }
 
 /// A connection's socket, registered with the loop.
@@ -364,7 +377,7 @@ fn to_async(stream: Stream) -> io::Result<AsyncStream> {
 /// closed; the loop goes on).
 struct Guarded<'a, T> {
     future: Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>,
-    board: Option<Slot>,
+    board: &'a Option<Slot>,
     running: (u64, Peer),
 }
 
@@ -607,7 +620,7 @@ async fn answer_later(
     };
     let outcome = GuardedDatagram {
         future: handler.handle_boxed(&datagram, &mut reply),
-        board: ctx.board,
+        board: &ctx.board,
         running: (sys::coarse_ms(), seen),
     }
     .await;
