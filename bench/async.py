@@ -372,6 +372,9 @@ def main():
     load_before = os.getloadavg()
     saved = {}
     out = []
+    # The 1-minute load average at each round's start: how busy the
+    # shared machine was while measuring.
+    loads = []
 
     def say(line=""):
         out.append(line)
@@ -385,6 +388,7 @@ def main():
             if "connect" in cases:
                 plan.append(("connect", 8))
             for r in range(a.rounds):
+                loads.append(os.getloadavg()[0])
                 for mode, c in plan:
                     for s in servers:
                         extra = ["--src-ips", "16"] if mode == "connect" else []
@@ -504,7 +508,7 @@ def main():
         # The issue's targets, from the tables above.
         a_name = "preforkd async"
         if runs or idle:
-            say("| target | measured | per-round range | |")
+            say("| target | ratio of medians | median of per-round ratios (range) | |")
             say("|---|---|---|---|")
             if not any(n == a_name for (_, _, n) in runs) and a_name not in idle:
                 say(f"| every target | {a_name} not measured (skipped, above) | | pending |")
@@ -521,7 +525,7 @@ def main():
                     got = m / b if m and b else None
                     verdict = ("met" if got >= want else f"missed by {(1 - got / want) * 100:.0f}%") \
                         if got else "—"
-                    rng = f"{rr_[0]:.2f}–{rr_[2]:.2f}" if rr_ else "—"
+                    rng = f"{rr_[1]:.2f}× ({rr_[0]:.2f}–{rr_[2]:.2f})" if rr_ else "—"
                     say(f"| {mode} {c}: ≥ {want:g}× {peer_name} | {got:.2f}× | {rng} | {verdict} |"
                         if got else f"| {mode} {c}: ≥ {want:g}× {peer_name} | — | — | — |")
             res = idle.get(a_name)
@@ -542,7 +546,8 @@ def main():
     print(f"date: {date}")
     print(f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()},"
           f" load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} before,"
-          f" {os.getloadavg()[0]:.2f} after")
+          f" {os.getloadavg()[0]:.2f} after"
+          + (f", {min(loads):.2f} to {max(loads):.2f} at the rr/connect rounds' starts" if loads else ""))
     print(f"loadgen: epoll engine, 1 loop, 64-byte messages, {a.duration:g} s measured after 1 s"
           f" of warm-up, {a.rounds} rounds interleaved")
     for name, why in skipped:
