@@ -182,7 +182,8 @@ fn threads_that_cannot_fit_the_descriptor_limit_are_a_config_error() {
         format!("[[service]]\nname = \"a\"\nthreads = 200\n{TAIL}"),
     )
     .unwrap();
-    // The limit a worker would inherit, lowered for this run only.
+    // The hard limit, to which the master raises the soft one for its
+    // workers, lowered for this run only (`ulimit -n` sets both).
     let script = format!(
         "ulimit -n 128 && exec {} -c {} check",
         bin().display(),
@@ -197,7 +198,7 @@ fn threads_that_cannot_fit_the_descriptor_limit_are_a_config_error() {
     assert_eq!(
         stderr(&out),
         format!(
-            "preforkd: {}:3:11: service \"a\": threads = 200 needs about 265 file descriptors in each worker, more than the limit of 128 (ulimit -n; LimitNOFILE= under systemd): lower threads or raise the limit\n",
+            "preforkd: {}:3:11: service \"a\": threads = 200 needs about 265 file descriptors in each worker, more than the open files limit of 128 (the hard limit: ulimit -Hn; LimitNOFILE= under systemd): lower threads or raise the limit\n",
             path.display()
         )
     );

@@ -414,7 +414,11 @@ impl AsyncConnection {
                 // polled yet): ask the socket itself before saying that
                 // nothing more has come.
                 if let Some(n) = self.read_direct(&mut chunk)? {
-                    return Ok(if n == 0 { Input::Eof } else { Input::Data(chunk) });
+                    return Ok(if n == 0 {
+                        Input::Eof
+                    } else {
+                        Input::Data(chunk)
+                    });
                 }
                 if self.received {
                     return Ok(Input::Shutdown);

@@ -312,10 +312,7 @@ type Admitted = (AsyncConnection, Rc<dyn DynAsyncStream>, (u64, Peer), u64);
 /// `max_connections_per_ip` (a refused one is closed at once), registers
 /// it with the loop and publishes it: the connection, its handler, what
 /// the scoreboard shows while it runs, and its place among the oldest.
-fn admit(
-    ended: &mut Ended,
-    handoff: Handoff,
-) -> Option<Admitted> {
+fn admit(ended: &mut Ended, handoff: Handoff) -> Option<Admitted> {
     let ctx = &ended.ctx;
     let Handoff {
         stream,

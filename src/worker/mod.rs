@@ -28,7 +28,7 @@ use crate::handler::{
     StreamHandler,
 };
 use crate::listener::WorkerSocket;
-use crate::scoreboard::{Peer, Slot, State};
+use crate::scoreboard::{IpCounter, Peer, Slot, State};
 use crate::sys;
 
 mod event;
@@ -210,6 +210,9 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         failed: AtomicBool::new(false),
         acl: &spec.service.acl,
         per_ip: spec.service.max_connections_per_ip,
+        ip: (spec.service.max_connections_per_ip > 0)
+            .then(|| spec.board.and_then(|b| b.ip_counter()))
+            .flatten(),
         idle_timeout: spec.service.idle_timeout,
         refusals: Refusals::default(),
     };
@@ -364,6 +367,8 @@ struct Worker<'a> {
     acl: &'a Acl,
     /// `max_connections_per_ip` (0: no limit).
     per_ip: u32,
+    /// This worker's per-address counts (with `max_connections_per_ip`).
+    ip: Option<IpCounter>,
     /// `idle_timeout` (zero: none).
     idle_timeout: Duration,
     /// Refusals, logged at most once a second.
@@ -561,15 +566,17 @@ impl Worker<'_> {
         if let Some(e) = &entry {
             e.publish(sys::coarse_ms(), &seen);
         }
-        if self.per_ip > 0
-            && let (acl::Peer::Ip(ip), Some(b), Some(e)) = (who, &self.board, &entry)
-        {
-            // Published first, counted after (both SeqCst): of two
-            // connections from one address at once, each counts the
-            // other, so both never get in over the limit.
-            let n = b.count_ip(ip);
+        let counted = match (who, &self.ip) {
+            (acl::Peer::Ip(ip), Some(counter)) => Some((counter, ip)),
+            _ => None,
+        };
+        if let Some((counter, ip)) = counted {
+            let n = counter.enter(ip);
             if n > self.per_ip as usize {
-                e.clear();
+                counter.leave(ip);
+                if let Some(e) = &entry {
+                    e.clear();
+                }
                 self.refusals.refuse(
                     self.name,
                     self.board,
@@ -606,6 +613,9 @@ impl Worker<'_> {
         conn.close_gracefully(LINGER);
         if let Some(e) = &entry {
             e.clear();
+        }
+        if let Some((counter, ip)) = counted {
+            counter.leave(ip);
         }
         if let Some(b) = &self.board {
             b.add_bytes(bytes_in, bytes_out);
