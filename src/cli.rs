@@ -601,7 +601,15 @@ pub fn status_table(v: &Value) -> String {
             listeners.join(", ")
         );
         if let Some(kind) = svc["pool"].as_str() {
-            let mut line = format!("  pool {kind}: {} idle, {} busy", svc["idle"], svc["busy"]);
+            // An event-driven worker with room counts as able to take work
+            // (src/master/policy.rs): said as such.
+            let mut line = match svc["worker_connections"].as_u64() {
+                Some(n) => format!(
+                    "  pool {kind}, mode async: {} with room, {} full ({n} connections each)",
+                    svc["idle"], svc["busy"]
+                ),
+                None => format!("  pool {kind}: {} idle, {} busy", svc["idle"], svc["busy"]),
+            };
             if let Some(max) = svc["max_workers"].as_u64() {
                 let _ = write!(
                     line,

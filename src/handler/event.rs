@@ -290,13 +290,37 @@ impl AsyncConnection {
         self.shared.stop.is_set()
     }
 
+    /// Completes once the worker has been asked to stop (at once if it
+    /// has been), woken by the stop itself: for a handler that waits on
+    /// something other than its client, such as exec's program. Takes
+    /// `&self`, so that the handler can hold its socket meanwhile.
+    pub async fn stopped(&self) {
+        /// Its own place in the stop's list, given back when done.
+        struct Waiting<'a>(&'a Stop, Option<usize>);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if let Some(k) = self.1.take() {
+                    self.0.forget(k);
+                }
+            }
+        }
+        let mut waiting = Waiting(&self.shared.stop, None);
+        poll_fn(|cx| {
+            if waiting.0.is_set() {
+                return Poll::Ready(());
+            }
+            waiting.0.register(&mut waiting.1, cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Bytes read from and written to the client so far.
     pub(crate) fn bytes(&self) -> (u64, u64) {
         (self.bytes_in, self.bytes_out)
     }
 
     /// Replaces the byte counts (exec's program moved the bytes itself).
-    #[allow(dead_code)] // exec's async handler (next)
     pub(crate) fn set_bytes(&mut self, bytes_in: u64, bytes_out: u64) {
         self.bytes_in = bytes_in;
         self.bytes_out = bytes_out;
@@ -627,8 +651,10 @@ impl AsyncConnection {
     pub fn discard_input(&mut self) -> io::Result<()> {
         self.inbuf = Vec::new();
         let mut chunk = self.shared.pool.take();
+        // Straight from the socket: the loop's readiness may not have seen
+        // the last bytes yet, and unread input turns a close into a reset.
         loop {
-            match self.read_into(&mut chunk)? {
+            match self.read_direct(&mut chunk)? {
                 Some(0) | None => return Ok(()),
                 Some(_) => {}
             }

@@ -133,6 +133,10 @@ impl Master {
                     "plugin": pool.map(|p| p.plugin.name.clone()),
                     "size": pool.map(Pool::size),
                     "pool": pool.map(|p| p.config.pool_kind().to_string()),
+                    "mode": pool.map(|p| p.config.mode().to_string()),
+                    "worker_connections": pool
+                        .map(|p| p.config.worker_connections)
+                        .filter(|&n| n > 0),
                     "idle": idle,
                     "busy": busy,
                     "max_workers": pool.and_then(|p| p.config.max_workers.as_ref().map(|m| *m.get_ref())),

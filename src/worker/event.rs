@@ -65,7 +65,7 @@ pub(crate) struct Loop<'a> {
 pub(crate) fn serve(spec: Loop<'_>) -> bool {
     let name = spec.name.to_string();
     let limit = spec.service.worker_connections as usize;
-    let capacity = match Capacity::new(limit) {
+    let capacity = match Capacity::new(limit, super::heartbeat_interval(spec.service.timeout)) {
         Ok(c) => c,
         Err(e) => {
             log::error!("worker {name}: eventfd() failed: {e}");
@@ -186,9 +186,7 @@ async fn run(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     datagrams: Vec<(WorkerSocket, Addr)>,
 ) {
-    if let Some(b) = ctx.board {
-        tokio::task::spawn_local(heartbeat(b, ctx.beat));
-    }
+    tokio::task::spawn_local(heartbeat(ctx.board, ctx.capacity.clone(), ctx.beat));
     let mut receivers = Vec::new();
     for (socket, _) in datagrams {
         match DatagramSocket::new(socket) {
@@ -214,13 +212,19 @@ async fn run(
     }
 }
 
-/// Writes the heartbeat every `beat` while the loop turns.
-async fn heartbeat(board: Slot, beat: Duration) {
+/// Writes the heartbeat every `beat` while the loop turns: in the
+/// scoreboard (for the master's `timeout` check) and for the accept gate,
+/// which leaves the queues to the other workers while the loop is blocked.
+async fn heartbeat(board: Option<Slot>, capacity: Arc<Capacity>, beat: Duration) {
     let mut every = tokio::time::interval(beat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         every.tick().await;
-        board.heartbeat(sys::coarse_ms());
+        let now = sys::coarse_ms();
+        capacity.turned(now);
+        if let Some(b) = board {
+            b.heartbeat(now);
+        }
     }
 }
 

@@ -30,7 +30,11 @@
 //!
 //! Capacity: at `worker_connections` the gate leaves the queues (the other
 //! workers take what comes) and counts it in the scoreboard ("full");
-//! the loop wakes it through an eventfd when a connection ends.
+//! the loop wakes it through an eventfd when a connection ends. A loop
+//! that a handler blocks (no heartbeat for two beats) is treated as full:
+//! what the gate handed it would wait with it, and be reset when the
+//! master kills the worker (nginx, accepting from its loop, takes nothing
+//! while blocked either).
 //!
 //! Owns: the worker's stream listeners (its copies), its epoll set, and the
 //! sending half of the hand-off channel, dropped when the worker stops: the
@@ -70,16 +74,38 @@ pub(super) struct Capacity {
     paused: AtomicBool,
     /// Written by the loop when a connection ends while the gate is paused.
     resume: EventFd,
+    /// When the loop last turned (its heartbeat, coarse clock ms; 0: not
+    /// yet): a loop that has not turned for `stall_ms` is blocked by a
+    /// handler, and what the gate handed it now would wait with it (and be
+    /// reset when the master kills the worker), so the gate leaves the
+    /// queues to the other workers until it turns again.
+    turned_ms: std::sync::atomic::AtomicU64,
+    /// Two heartbeats.
+    stall_ms: u64,
 }
 
 impl Capacity {
-    pub fn new(limit: usize) -> io::Result<Arc<Capacity>> {
+    /// For `limit` connections, with the loop's heartbeat every `beat`.
+    pub fn new(limit: usize, beat: Duration) -> io::Result<Arc<Capacity>> {
         Ok(Arc::new(Capacity {
             open: AtomicUsize::new(0),
             limit,
             paused: AtomicBool::new(false),
             resume: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+            turned_ms: std::sync::atomic::AtomicU64::new(0),
+            stall_ms: 2 * beat.as_millis() as u64,
         }))
+    }
+
+    /// The loop turned at `now_ms` (its heartbeat task).
+    pub fn turned(&self, now_ms: u64) {
+        self.turned_ms.store(now_ms.max(1), Ordering::SeqCst);
+    }
+
+    /// Whether the loop has not turned for two heartbeats.
+    fn is_stalled(&self) -> bool {
+        let t = self.turned_ms.load(Ordering::SeqCst);
+        t != 0 && sys::coarse_ms().saturating_sub(t) > self.stall_ms
     }
 
     /// A connection has ended (called by the loop).
@@ -161,12 +187,17 @@ impl Gate {
         let mut registered = false;
         let mut events = [EpollEvent::empty(); 8];
         while !sys::shutdown_requested() {
-            let ahead = !registered && self.ahead();
-            if !registered && !ahead && !self.pause_if_full() {
+            let stalled = !registered && self.capacity.is_stalled();
+            let ahead = !registered && !stalled && self.ahead();
+            if !registered && !stalled && !ahead && !self.pause_if_full() {
                 self.register(&ep, true)?;
                 registered = true;
             }
-            let timeout = if ahead {
+            // Out of the queues: look again soon.
+            let timeout = if stalled {
+                EpollTimeout::try_from(Duration::from_millis(self.capacity.stall_ms / 2))
+                    .unwrap_or(EpollTimeout::NONE)
+            } else if ahead {
                 EpollTimeout::from(AHEAD_RECHECK_MS)
             } else {
                 EpollTimeout::NONE
@@ -251,7 +282,8 @@ impl Gate {
     fn take(&self, k: usize, most: usize) -> io::Result<bool> {
         let (index, listener) = &self.listeners[k];
         for taken in 0..most {
-            if self.capacity.is_full() || (taken > 0 && self.ahead()) {
+            if self.capacity.is_full() || self.capacity.is_stalled() || (taken > 0 && self.ahead())
+            {
                 break;
             }
             match accept(listener) {

@@ -2,24 +2,36 @@
 //! the socket as its stdin and stdout, its stderr in the log, and the UCSPI
 //! environment (`PROTO`, `TCPREMOTEIP`, …). On datagram sockets: one run per
 //! datagram, the payload on stdin, stdout (at most [`MAX_REPLY`]) the reply.
+//!
+//! It serves both worker modes. This file holds what they share: the
+//! options, a run's environment, starting the program, when to stop it
+//! ([`Deadlines`]), its stderr in the log and what the log says of its
+//! end. A `mode = "threads"` worker waits for each program on the thread
+//! that serves the connection (`threads.rs`, poll(2)); a `mode = "async"`
+//! worker waits for all of them on its one loop, each program's pidfd and
+//! pipes registered with the loop, no thread per program (`event.rs`).
+//!
+//! Owns: nothing beyond a run: its pipes, pidfd and process group belong
+//! to the handler call that started it, which reaps the program before it
+//! returns.
+
+mod event;
+mod threads;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
 
-use super::{
-    Addr, Connection, Datagram, DatagramHandler, Handlers, IO_TICK, PluginContext, PluginInfo,
-    Stream, StreamHandler,
-};
+use super::{Addr, Datagram, Handlers, IO_TICK, PluginContext, PluginInfo, WorkerMode};
 use crate::sys;
 
 const OPTIONS: &[&str] = &["command", "env", "clear_env", "cwd", "timeout"];
@@ -35,7 +47,7 @@ const KILL_GRACE: Duration = Duration::from_millis(500);
 struct Exec {
     service: String,
     program: PathBuf,
-    /// argv[0]: the command as written.
+    /// `argv[0]`: the command as written.
     argv0: OsString,
     args: Vec<OsString>,
     env: Vec<(String, String)>,
@@ -183,9 +195,21 @@ pub(super) fn plugin() -> PluginInfo {
     PluginInfo::new(
         "exec",
         "runs a program per connection (inetd/tcpserver style, UCSPI environment)",
-        |ctx| Ok(Handlers::both(parse(ctx)?)),
+        |ctx| {
+            let exec = parse(ctx)?;
+            Ok(match ctx.mode {
+                WorkerMode::Threads => Handlers::both(exec),
+                WorkerMode::Async => {
+                    let exec = Rc::new(exec);
+                    Handlers::default()
+                        .with_async(event::ExecAsync(exec.clone()))
+                        .with_async_datagram(event::ExecAsync(exec))
+                }
+            })
+        },
     )
     .serves(true, true)
+    .modes(true, true)
     .with_check(|ctx| parse(ctx).map(drop))
 }
 
@@ -206,6 +230,15 @@ fn ip_port(a: &Addr) -> Option<(String, String)> {
     }
 }
 
+/// A started program: its pid (also its process group's) and the read
+/// ends of its pipes, nonblocking.
+struct Run {
+    pid: u32,
+    stderr: OwnedFd,
+    /// A datagram run's stdout: the reply.
+    stdout: Option<OwnedFd>,
+}
+
 impl Exec {
     /// The environment of one run, before the UCSPI variables.
     fn command(&self) -> Env {
@@ -215,6 +248,101 @@ impl Exec {
         }
         env.env("PREFORKD_SERVICE", &self.service);
         env
+    }
+
+    /// The environment of a connection's run: UCSPI's TCP or UNIX
+    /// variables, the client's credentials read from `socket` for a Unix
+    /// socket.
+    fn stream_env(&self, local: &Addr, peer: &Addr, socket: BorrowedFd<'_>) -> Env {
+        let mut cmd = self.command();
+        match local {
+            Addr::Inet(_) => {
+                cmd.env("PROTO", "TCP");
+                if let Some((ip, port)) = ip_port(local) {
+                    cmd.env("TCPLOCALIP", ip).env("TCPLOCALPORT", port);
+                }
+                if let Some((ip, port)) = ip_port(peer) {
+                    cmd.env("TCPREMOTEIP", ip).env("TCPREMOTEPORT", port);
+                }
+            }
+            Addr::Unix(path) => {
+                cmd.env("PROTO", "UNIX");
+                if let Some(p) = path {
+                    cmd.env("UNIXLOCALPATH", p);
+                }
+                let cred = nix::sys::socket::getsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                );
+                if let Ok(c) = cred {
+                    cmd.env("UNIXREMOTEPID", c.pid().to_string())
+                        .env("UNIXREMOTEEUID", c.uid().to_string())
+                        .env("UNIXREMOTEEGID", c.gid().to_string())
+                        .env("UNIXREMOTEUID", c.uid().to_string())
+                        .env("UNIXREMOTEGID", c.gid().to_string());
+                }
+            }
+        }
+        cmd
+    }
+
+    /// Starts a connection's program: `socket` as its stdin and stdout, a
+    /// pipe as its stderr.
+    fn start_stream(&self, env: Env, socket: RawFd) -> io::Result<Run> {
+        let (err_rd, err_wr) = pipe()?;
+        let pid = self.spawn(env, [socket, socket, err_wr.as_raw_fd()])?;
+        Ok(Run {
+            pid,
+            stderr: err_rd,
+            stdout: None,
+        })
+    }
+
+    /// Starts a datagram's program: the payload on its stdin, pipes as its
+    /// stdout and stderr.
+    fn start_datagram(&self, datagram: &Datagram<'_>) -> io::Result<Run> {
+        let mut cmd = self.command();
+        match datagram.peer {
+            Addr::Inet(a) => {
+                cmd.env("PROTO", "UDP")
+                    .env("UDPREMOTEIP", a.ip().to_string())
+                    .env("UDPREMOTEPORT", a.port().to_string());
+            }
+            Addr::Unix(p) => {
+                cmd.env("PROTO", "UNIX");
+                if let Some(p) = p {
+                    cmd.env("UNIXREMOTEPATH", p);
+                }
+            }
+        }
+        // The payload (at most 64 KiB, a pipe's capacity) is written before
+        // the program starts, so nothing can block on it.
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut wr = std::fs::File::from(wr);
+        set_nonblocking(&wr)?;
+        let mut written = 0;
+        while written < datagram.data.len() {
+            match io::Write::write(&mut wr, &datagram.data[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("exec {}: payload cut at {written} bytes: {e}", self.service);
+                    break;
+                }
+            }
+        }
+        drop(wr);
+        let (out_rd, out_wr) = pipe()?;
+        let (err_rd, err_wr) = pipe()?;
+        let pid = self.spawn(
+            cmd,
+            [rd.as_raw_fd(), out_wr.as_raw_fd(), err_wr.as_raw_fd()],
+        )?;
+        Ok(Run {
+            pid,
+            stderr: err_rd,
+            stdout: Some(out_rd),
+        })
     }
 
     /// Starts the program with `env` (plus the `env` option) and `stdio`.
@@ -276,132 +404,16 @@ impl Exec {
         }
     }
 
-    /// Waits for the program, logging its stderr, killing it at its timeout
-    /// or `graceful_timeout` after the worker is asked to stop. Collects up to
-    /// MAX_REPLY bytes of `stdout` if given. Logs a non-zero exit.
-    fn wait(
-        &self,
-        pid: u32,
-        stderr: OwnedFd,
-        mut stdout: Option<(OwnedFd, &mut Vec<u8>)>,
-    ) -> io::Result<bool> {
-        let pidfd = match sys::pidfd_open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                // Cannot watch it: do not leave it behind.
-                sys::kill_group(pid, Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
-                return Err(e);
-            }
-        };
-        let stderr = Some(stderr);
-        if let Some(e) = &stderr {
-            nix::fcntl::fcntl(
-                e,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )?;
-        }
-        if let Some((o, _)) = &stdout {
-            nix::fcntl::fcntl(
-                o,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )?;
-        }
-        let mut log = StderrLog::new(&self.service, pid);
-        let started = Instant::now();
-        let mut stop_at: Option<Instant> = None;
-        let mut killed: Option<(Instant, &'static str)> = None;
-        let mut dropped_out = 0usize;
-        let mut err_open = stderr.is_some();
-        let mut out_open = stdout.is_some();
-        loop {
-            let now = Instant::now();
-            if stop_at.is_none() && sys::shutdown_requested() {
-                stop_at = Some(now + self.graceful.saturating_sub(self.stop_margin()));
-            }
-            match killed {
-                None => {
-                    let why = if self.timeout.is_some_and(|t| now >= started + t) {
-                        Some("after its timeout")
-                    } else if stop_at.is_some_and(|s| now >= s) {
-                        Some(
-                            "at the end of its graceful_timeout after the worker was asked to stop",
-                        )
-                    } else {
-                        None
-                    };
-                    if let Some(why) = why {
-                        sys::kill_group(pid, Signal::SIGTERM);
-                        killed = Some((now, why));
-                    }
-                }
-                Some((at, _)) if now >= at + self.kill_grace(stop_at.is_some()) => {
-                    sys::kill_group(pid, Signal::SIGKILL);
-                }
-                _ => {}
-            }
-            let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-            let ei = if err_open {
-                fds.push(PollFd::new(
-                    stderr.as_ref().unwrap().as_fd(),
-                    PollFlags::POLLIN,
-                ));
-                Some(fds.len() - 1)
-            } else {
-                None
-            };
-            let oi = if out_open {
-                fds.push(PollFd::new(
-                    stdout.as_ref().unwrap().0.as_fd(),
-                    PollFlags::POLLIN,
-                ));
-                Some(fds.len() - 1)
-            } else {
-                None
-            };
-            match nix::poll::poll(&mut fds, PollTimeout::from(IO_TICK.as_millis() as u16)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let ready = |i: Option<usize>| {
-                i.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
-            };
-            let exited = fds[0].revents().is_some_and(|r| !r.is_empty());
-            let (err_ready, out_ready) = (ready(ei), ready(oi));
-            drop(fds);
-            if err_ready {
-                err_open = log.drain(stderr.as_ref().unwrap());
-            }
-            if out_ready {
-                let (fd, buf) = stdout.as_mut().unwrap();
-                out_open = collect(fd, buf, &mut dropped_out);
-            }
-            if exited {
-                break;
-            }
-        }
-        // Whatever it wrote before exiting is in the pipes now.
-        if err_open {
-            log.drain(stderr.as_ref().unwrap());
-        }
-        if out_open {
-            let (fd, buf) = stdout.as_mut().unwrap();
-            collect(fd, buf, &mut dropped_out);
-        }
-        log.finish();
-        let status = loop {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
-                Err(nix::errno::Errno::EINTR) => {}
-                other => break other?,
-            }
-        };
+    /// Logs how a run ended: killed (and why), by a signal, a non-zero
+    /// exit status, a reply cut short.
+    fn report(&self, pid: u32, status: WaitStatus, killed: Option<&str>, dropped_out: usize) {
         let (code, signal) = match status {
-            nix::sys::wait::WaitStatus::Exited(_, c) => (Some(c), None),
-            nix::sys::wait::WaitStatus::Signaled(_, s, _) => (None, Some(s.as_str())),
+            WaitStatus::Exited(_, c) => (Some(c), None),
+            WaitStatus::Signaled(_, s, _) => (None, Some(s.as_str())),
             _ => (None, None),
         };
         let tag = format!("exec {}[pid {pid}]", self.service);
-        if let Some((_, why)) = killed {
+        if let Some(why) = killed {
             log::warn!(
                 "{tag}: killed {why} ({})",
                 match signal {
@@ -417,25 +429,140 @@ impl Exec {
         if dropped_out > 0 {
             log::warn!("{tag}: reply cut at {MAX_REPLY} bytes ({dropped_out} bytes dropped)");
         }
-        Ok(killed.is_some())
     }
 }
 
-/// Reads what is there into `buf`, up to MAX_REPLY; false at EOF.
-fn collect(fd: &OwnedFd, buf: &mut Vec<u8>, dropped: &mut usize) -> bool {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match nix::unistd::read(fd, &mut chunk) {
-            Ok(0) => return false,
-            Ok(n) => {
-                let room = MAX_REPLY.saturating_sub(buf.len()).min(n);
-                buf.extend_from_slice(&chunk[..room]);
-                *dropped += n - room;
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => return true,
-            Err(_) => return false,
+/// When a run is stopped: at its `timeout`, or at `graceful_timeout` less
+/// [`Exec::stop_margin`] after the worker is asked to stop. TERM goes to
+/// the program's process group first (what it started, double-forked or
+/// not, is in it), KILL [`Exec::kill_grace`] later and again every
+/// [`IO_TICK`] until the program is gone. Both modes' waits drive it.
+struct Deadlines<'a> {
+    exec: &'a Exec,
+    pid: u32,
+    started: Instant,
+    stop_at: Option<Instant>,
+    /// When TERM was sent, and why (for the log).
+    killed: Option<(Instant, &'static str)>,
+}
+
+impl<'a> Deadlines<'a> {
+    fn new(exec: &'a Exec, pid: u32) -> Deadlines<'a> {
+        Deadlines {
+            exec,
+            pid,
+            started: Instant::now(),
+            stop_at: None,
+            killed: None,
         }
+    }
+
+    /// The worker has been asked to stop (noted once).
+    fn stopping(&mut self, now: Instant) {
+        if self.stop_at.is_none() {
+            let e = self.exec;
+            self.stop_at = Some(now + e.graceful.saturating_sub(e.stop_margin()));
+        }
+    }
+
+    /// Sends what is due at `now`; returns when something is due next.
+    fn step(&mut self, now: Instant) -> Option<Instant> {
+        let timeout_at = self.exec.timeout.map(|t| self.started + t);
+        match self.killed {
+            None => {
+                let why = if timeout_at.is_some_and(|t| now >= t) {
+                    Some("after its timeout")
+                } else if self.stop_at.is_some_and(|s| now >= s) {
+                    Some("at the end of its graceful_timeout after the worker was asked to stop")
+                } else {
+                    None
+                };
+                match why {
+                    Some(why) => {
+                        sys::kill_group(self.pid, Signal::SIGTERM);
+                        self.killed = Some((now, why));
+                        Some(now + self.exec.kill_grace(self.stop_at.is_some()))
+                    }
+                    None => timeout_at.into_iter().chain(self.stop_at).min(),
+                }
+            }
+            Some((at, _)) => {
+                let kill_at = at + self.exec.kill_grace(self.stop_at.is_some());
+                if now >= kill_at {
+                    sys::kill_group(self.pid, Signal::SIGKILL);
+                    Some(now + IO_TICK)
+                } else {
+                    Some(kill_at)
+                }
+            }
+        }
+    }
+
+    /// Why the program was sent TERM, if it was.
+    fn killed(&self) -> Option<&'static str> {
+        self.killed.map(|(_, why)| why)
+    }
+}
+
+/// A pipe, close-on-exec, its read end (ours) nonblocking.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    set_nonblocking(&rd)?;
+    Ok((rd, wr))
+}
+
+fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> io::Result<()> {
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    Ok(())
+}
+
+/// What reading a pipe found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pipe {
+    /// Nothing more for now (EAGAIN): wait until it is readable.
+    Empty,
+    /// The reads allowed were used; there may be more at once.
+    More,
+    /// EOF (or an error): no one writes to it any more.
+    Closed,
+}
+
+/// Reads for a program's whole stdout while it runs (a loop turn of the
+/// async worker reads at most this many times from one pipe before it
+/// serves the others; [`DRAIN_READS`] at the program's end).
+const TURN_READS: usize = 16;
+/// Reads of a pipe after the program has exited: more than a pipe holds.
+const DRAIN_READS: usize = 64;
+
+/// The reply of a datagram run, collected from its stdout.
+struct Reply<'r> {
+    buf: &'r mut Vec<u8>,
+    /// Bytes beyond MAX_REPLY, read and dropped.
+    dropped: usize,
+}
+
+impl Reply<'_> {
+    /// Reads what is there into the reply, up to MAX_REPLY (the rest read
+    /// and dropped), at most `reads` reads of 16 KiB.
+    fn collect(&mut self, fd: &OwnedFd, reads: usize) -> Pipe {
+        let mut chunk = [0u8; 16 * 1024];
+        for _ in 0..reads {
+            match nix::unistd::read(fd, &mut chunk) {
+                Ok(0) => return Pipe::Closed,
+                Ok(n) => {
+                    let room = MAX_REPLY.saturating_sub(self.buf.len()).min(n);
+                    self.buf.extend_from_slice(&chunk[..room]);
+                    self.dropped += n - room;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return Pipe::Empty,
+                Err(_) => return Pipe::Closed,
+            }
+        }
+        Pipe::More
     }
 }
 
@@ -462,18 +589,19 @@ impl<'a> StderrLog<'a> {
         }
     }
 
-    /// Reads what is there; false at EOF.
-    fn drain(&mut self, fd: &OwnedFd) -> bool {
+    /// Reads what is there, at most `reads` reads of 4 KiB.
+    fn drain(&mut self, fd: &OwnedFd, reads: usize) -> Pipe {
         let mut chunk = [0u8; 4096];
-        loop {
+        for _ in 0..reads {
             match nix::unistd::read(fd, &mut chunk) {
-                Ok(0) => return false,
+                Ok(0) => return Pipe::Closed,
                 Ok(n) => self.feed(&chunk[..n]),
                 Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => return true,
-                Err(_) => return false,
+                Err(nix::errno::Errno::EAGAIN) => return Pipe::Empty,
+                Err(_) => return Pipe::Closed,
             }
         }
+        Pipe::More
     }
 
     fn feed(&mut self, mut data: &[u8]) {
@@ -530,121 +658,6 @@ impl<'a> StderrLog<'a> {
     }
 }
 
-impl StreamHandler for Exec {
-    fn handle(&self, conn: &mut Connection) -> io::Result<()> {
-        let stream = &conn.stream;
-        // The program shares the socket's options: it expects plain blocking
-        // reads and writes, not the worker's IO_TICK timeouts.
-        let sock = socket2::SockRef::from(stream);
-        sock.set_nonblocking(false)?;
-        sock.set_read_timeout(None)?;
-        sock.set_write_timeout(None)?;
-        let mut cmd = self.command();
-        match (conn.local_addr(), conn.peer_addr()) {
-            (Addr::Inet(_), _) => {
-                cmd.env("PROTO", "TCP");
-                if let Some((ip, port)) = ip_port(conn.local_addr()) {
-                    cmd.env("TCPLOCALIP", ip).env("TCPLOCALPORT", port);
-                }
-                if let Some((ip, port)) = ip_port(conn.peer_addr()) {
-                    cmd.env("TCPREMOTEIP", ip).env("TCPREMOTEPORT", port);
-                }
-            }
-            (Addr::Unix(local), _) => {
-                cmd.env("PROTO", "UNIX");
-                if let Some(p) = local {
-                    cmd.env("UNIXLOCALPATH", p);
-                }
-                if let Stream::Unix(_) = stream {
-                    let cred = nix::sys::socket::getsockopt(
-                        &stream.as_fd(),
-                        nix::sys::socket::sockopt::PeerCredentials,
-                    );
-                    if let Ok(c) = cred {
-                        cmd.env("UNIXREMOTEPID", c.pid().to_string())
-                            .env("UNIXREMOTEEUID", c.uid().to_string())
-                            .env("UNIXREMOTEEGID", c.gid().to_string())
-                            .env("UNIXREMOTEUID", c.uid().to_string())
-                            .env("UNIXREMOTEGID", c.gid().to_string());
-                    }
-                }
-            }
-        }
-        let (err_rd, err_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let sockfd = stream.as_fd().as_raw_fd();
-        let spawned = self.spawn(cmd, [sockfd, sockfd, err_wr.as_raw_fd()]);
-        drop(err_wr);
-        let result = spawned.and_then(|pid| self.wait(pid, err_rd, None));
-        // Back to the worker's ticks, so that the close that follows is
-        // bounded by its linger.
-        sock.set_read_timeout(Some(IO_TICK))?;
-        sock.set_write_timeout(Some(IO_TICK))?;
-        let killed = result.as_ref().is_ok_and(|k| *k);
-        if killed || sys::shutdown_requested() {
-            // Killed, or the worker is stopping: no lingering for the
-            // client (the master's deadline is near). FIN now, drop what
-            // has arrived so that the close is no reset, and close.
-            let _ = conn.stream.shutdown_write();
-            let _ = conn.discard_input();
-            conn.eof = true;
-        }
-        // The program read and wrote the socket itself: TCP's own totals
-        // count it all (a Unix socket keeps none: its bytes stay uncounted).
-        if let Some((bytes_in, bytes_out)) = sys::tcp_bytes(conn.stream.as_fd()) {
-            conn.set_bytes(bytes_in, bytes_out);
-        }
-        result.map(drop)
-    }
-}
-
-impl DatagramHandler for Exec {
-    fn handle(&self, datagram: &Datagram<'_>, reply: &mut Vec<u8>) -> io::Result<bool> {
-        let mut cmd = self.command();
-        match datagram.peer {
-            Addr::Inet(a) => {
-                cmd.env("PROTO", "UDP")
-                    .env("UDPREMOTEIP", a.ip().to_string())
-                    .env("UDPREMOTEPORT", a.port().to_string());
-            }
-            Addr::Unix(p) => {
-                cmd.env("PROTO", "UNIX");
-                if let Some(p) = p {
-                    cmd.env("UNIXREMOTEPATH", p);
-                }
-            }
-        }
-        // The payload (at most 64 KiB, a pipe's capacity) is written before
-        // the program starts, so nothing can block on it.
-        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let mut wr = std::fs::File::from(wr);
-        nix::fcntl::fcntl(
-            &wr,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )?;
-        let mut written = 0;
-        while written < datagram.data.len() {
-            match io::Write::write(&mut wr, &datagram.data[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("exec {}: payload cut at {written} bytes: {e}", self.service);
-                    break;
-                }
-            }
-        }
-        drop(wr);
-        let (out_rd, out_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (err_rd, err_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let pid = self.spawn(
-            cmd,
-            [rd.as_raw_fd(), out_wr.as_raw_fd(), err_wr.as_raw_fd()],
-        );
-        drop((rd, out_wr, err_wr));
-        self.wait(pid?, err_rd, Some((out_rd, reply)))?;
-        Ok(true)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,6 +675,30 @@ mod tests {
         }
         assert!(l.logged <= MAX_STDERR);
         assert!(l.dropped > 0);
+    }
+
+    #[test]
+    fn a_pipe_is_read_a_turn_at_a_time() {
+        let (rd, wr) = pipe().unwrap();
+        let mut wr = std::fs::File::from(wr);
+        io::Write::write_all(&mut wr, &[b'z'; 3 * 4096]).unwrap();
+        let mut l = StderrLog::new("s", 1);
+        assert_eq!(l.drain(&rd, 2), Pipe::More);
+        assert_eq!(l.drain(&rd, 2), Pipe::Empty);
+        drop(wr);
+        assert_eq!(l.drain(&rd, 2), Pipe::Closed);
+        let (rd, wr) = pipe().unwrap();
+        let mut wr = std::fs::File::from(wr);
+        io::Write::write_all(&mut wr, &[b'r'; 20 * 1024]).unwrap();
+        drop(wr);
+        let mut buf = Vec::new();
+        let mut reply = Reply {
+            buf: &mut buf,
+            dropped: 0,
+        };
+        assert_eq!(reply.collect(&rd, 1), Pipe::More);
+        assert_eq!(reply.collect(&rd, 8), Pipe::Closed);
+        assert_eq!(buf.len(), 20 * 1024);
     }
 
     #[test]
