@@ -9,11 +9,14 @@ ratios compare numbers taken seconds apart on the same noisy machine.
         [--server dylib=target/release/preforkd:handler.toml] \\
         [--mode rr|connect] [--conns 8,64] [--rounds 3] [--duration 10] \\
         [--address tokio=127.0.0.1:PORT] \\
-        [--workers 2] [--threads 32] [--extra service.toml]
+        [--workers 2] [--threads 32] [--extra service.toml] \\
+        [--engine epoll|threads]
 
 Each --server is NAME=BINARY[:HANDLER]: HANDLER is a file holding the
 `[service.handler]` table (default: `plugin = "echo"`). --extra is a file of
-keys added to every server's [[service]] table. Every server runs on
+keys added to every server's [[service]] table; when they set
+`mode = "async"`, no `threads` key is written (an async service refuses
+one: set `worker_connections` there instead). Every server runs on
 127.0.0.1 with a port of its own (picked free), log level warn, and is
 stopped at the end. Prints a markdown table: the median rate per server and
 concurrency (± half the min-max range), p50/p99 latency of the median run,
@@ -23,7 +26,8 @@ bench/peers/tokio-echo), measured in the same rounds, in the order given:
 first, it is the ratio's base.
 
 The load generator is bench/loadgen (--loadgen to use another), built with
-cargo on first use.
+cargo when missing or older than its sources; --engine picks its engine
+(default: loadgen's own, epoll for rr and connect).
 """
 import argparse
 import json
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,9 +54,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def is_async(extra):
+    """Whether the extra [[service]] keys set mode = "async"."""
+    try:
+        return tomllib.loads(extra).get("mode") == "async"
+    except tomllib.TOMLDecodeError as e:
+        sys.exit(f"bench/ab.py: --extra: not TOML: {e}")
+
+
 def start(name, binary, handler, a, tmp):
     port = free_port()
     extra = open(a.extra).read() if a.extra else ""
+    threads = "" if is_async(extra) else f"threads = {a.threads}\n"
     handler_text = open(handler).read() if handler else '[service.handler]\nplugin = "echo"\n'
     cfg = os.path.join(tmp, f"{name}.toml")
     with open(cfg, "w") as f:
@@ -61,8 +75,7 @@ level = "warn"
 name = "bench"
 listen = ["tcp://127.0.0.1:{port}"]
 workers = {a.workers}
-threads = {a.threads}
-{extra}
+{threads}{extra}
 {handler_text}""")
     log = open(os.path.join(tmp, f"{name}.log"), "w+")
     p = subprocess.Popen([binary, "-c", cfg], stdout=log, stderr=log, start_new_session=True)
@@ -96,9 +109,11 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--extra")
+    ap.add_argument("--engine", choices=["epoll", "threads"],
+                    help="loadgen's engine (default: loadgen's own, epoll)")
     ap.add_argument("--loadgen",
                     default=LOADGEN,
-                    help="load generator (default bench/loadgen, built if missing)")
+                    help="load generator (default bench/loadgen, built when missing or stale)")
     a = ap.parse_args()
     ensure_loadgen(a.loadgen, "bench/ab.py")
 
@@ -129,9 +144,10 @@ def main():
             for c in conns:
                 for name, _, _ in servers:
                     addr = addresses.get(name) or f"127.0.0.1:{procs[name][1]}"
+                    engine = ["--engine", a.engine] if a.engine else []
                     out = subprocess.run(
                         [a.loadgen, a.mode, "--tcp", addr, "-c", str(c),
-                         "-d", str(a.duration), "--warmup", "1", "--json"],
+                         "-d", str(a.duration), "--warmup", "1", "--json", *engine],
                         capture_output=True, text=True, timeout=a.duration + 60)
                     res = json.loads(out.stdout)
                     runs.setdefault((name, c), []).append(res)

@@ -1,5 +1,5 @@
-//! The command line: modes, the target (loopback or a Unix socket, nothing
-//! else) and the bounds of a run.
+//! The command line: modes, engines, the target (loopback or a Unix socket,
+//! nothing else) and the bounds of a run.
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -8,8 +8,13 @@ use std::time::Duration;
 /// Every run stops by itself: these are the largest values accepted.
 const MAX_DURATION_S: f64 = 300.0;
 const MAX_WARMUP_S: f64 = 60.0;
-/// One thread per connection: more would only measure the scheduler.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// The threads engine runs a thread per connection: more would only
+/// measure the scheduler.
+pub const MAX_THREAD_CONNECTIONS: usize = 1024;
+/// The epoll engine: bounded by descriptors (checked against
+/// RLIMIT_NOFILE at start) and by ports, not by this.
+pub const MAX_EVENT_CONNECTIONS: usize = 100_000;
+const MAX_LOOPS: usize = 64;
 const MAX_STREAM_SIZE: usize = 1 << 20;
 const MAX_DATAGRAM_SIZE: usize = 65507;
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -20,6 +25,9 @@ usage: loadgen [MODE] TARGET [OPTIONS]
 MODE (default rr, or udp with --udp)
   rr        each connection sends a message, waits for its echo, again
   connect   each loop: connect, send one message, read its echo, close
+  hold      open -c connections, one echo on each, hold them idle for -d
+            seconds, one more echo on each, close; reports whether all
+            were served (epoll engine)
   udp       each socket sends a datagram and waits for its echo, again
   wait      try until one echo succeeds or --timeout-ms passes; exit 0 or 1
 
@@ -27,10 +35,18 @@ TARGET (127.0.0.0/8, ::1 or a Unix socket: nothing else is accepted)
   --tcp HOST:PORT | --unix PATH | --udp HOST:PORT
 
 OPTIONS
-  -c, --connections N   concurrent connections (default 8, at most 1024)
+  -c, --connections N   concurrent connections (default 8; at most 1024 on
+                        the threads engine, 100000 on epoll)
   -s, --size N          message size in bytes, the last one '\\n' (default 64)
-  -d, --duration S      measured seconds (default 10, at most 300)
+  -d, --duration S      measured seconds; in hold mode, the idle time
+                        (default 10, at most 300)
   -w, --warmup S        seconds run before measuring (default 0, at most 60)
+      --engine E        epoll: --loops threads, each an event loop over its
+                        share of the connections (default for rr, connect
+                        and hold); threads: a thread per connection with
+                        blocking sockets (the only engine for udp)
+      --loops N         epoll engine: client threads (default 1, at most 64
+                        and at most -c)
       --timeout-ms N    limit on each connect and each echo (default 5000);
                         in wait mode, on the whole wait
       --src-ips N       TCP to an IPv4 target: connect from 127.0.0.1 to
@@ -45,8 +61,27 @@ OPTIONS
 pub enum Mode {
     Rr,
     Connect,
+    Hold,
     Udp,
     Wait,
+}
+
+/// How the load is generated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Engine {
+    /// A thread per connection, blocking sockets.
+    Threads,
+    /// `loops` threads, each an event loop over nonblocking sockets.
+    Epoll,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Threads => "threads",
+            Engine::Epoll => "epoll",
+        }
+    }
 }
 
 impl Mode {
@@ -54,6 +89,7 @@ impl Mode {
         match self {
             Mode::Rr => "rr",
             Mode::Connect => "connect",
+            Mode::Hold => "hold",
             Mode::Udp => "udp",
             Mode::Wait => "wait",
         }
@@ -80,6 +116,9 @@ impl std::fmt::Display for Target {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub mode: Mode,
+    pub engine: Engine,
+    /// Event loops of the epoll engine (1 on the threads engine).
+    pub loops: usize,
     pub target: Target,
     pub connections: usize,
     pub size: usize,
@@ -143,8 +182,13 @@ fn seconds(v: &str, flag: &str, max: f64) -> Result<Duration, String> {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, String> {
     let mut mode = None;
     let mut target = None;
+    let mut engine = None;
+    let mut loops = None;
+    let mut warmup_given = false;
     let mut cfg = Config {
         mode: Mode::Rr,
+        engine: Engine::Epoll,
+        loops: 1,
         target: Target::Unix(PathBuf::new()),
         connections: 8,
         size: 64,
@@ -174,10 +218,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, S
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "rr" | "connect" | "udp" | "wait" if mode.is_none() => {
+            "rr" | "connect" | "hold" | "udp" | "wait" if mode.is_none() => {
                 mode = Some(match flag.as_str() {
                     "rr" => Mode::Rr,
                     "connect" => Mode::Connect,
+                    "hold" => Mode::Hold,
                     "udp" => Mode::Udp,
                     _ => Mode::Wait,
                 })
@@ -188,7 +233,26 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, S
             "-c" | "--connections" | "--concurrency" => cfg.connections = number(&val()?, &flag)?,
             "-s" | "--size" => cfg.size = number(&val()?, &flag)?,
             "-d" | "--duration" => cfg.duration = seconds(&val()?, &flag, MAX_DURATION_S)?,
-            "-w" | "--warmup" => cfg.warmup = seconds(&val()?, &flag, MAX_WARMUP_S)?,
+            "-w" | "--warmup" => {
+                cfg.warmup = seconds(&val()?, &flag, MAX_WARMUP_S)?;
+                warmup_given = true;
+            }
+            "--engine" => {
+                engine = Some(match val()?.as_str() {
+                    "epoll" => Engine::Epoll,
+                    "threads" => Engine::Threads,
+                    other => {
+                        return Err(format!("{flag}: {other:?}: give epoll or threads"));
+                    }
+                })
+            }
+            "--loops" => {
+                let n: usize = number(&val()?, &flag)?;
+                if !(1..=MAX_LOOPS).contains(&n) {
+                    return Err(format!("{flag}: 1 to {MAX_LOOPS}"));
+                }
+                loops = Some(n);
+            }
             "--timeout-ms" => {
                 let ms: u64 = number(&val()?, &flag)?;
                 if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
@@ -213,13 +277,46 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, S
         None if udp => Mode::Udp,
         None => Mode::Rr,
         Some(Mode::Udp) if !udp => return Err("udp mode needs --udp HOST:PORT".into()),
-        Some(m @ (Mode::Rr | Mode::Connect)) if udp => {
+        Some(m @ (Mode::Rr | Mode::Connect | Mode::Hold)) if udp => {
             return Err(format!("{} mode needs --tcp or --unix", m.name()));
         }
         Some(m) => m,
     };
-    if !(1..=MAX_CONNECTIONS).contains(&cfg.connections) {
-        return Err(format!("--connections: 1 to {MAX_CONNECTIONS}"));
+    cfg.engine = match (engine, cfg.mode) {
+        (Some(Engine::Epoll), Mode::Udp) => {
+            return Err("udp mode runs on the threads engine only: leave --engine out".into());
+        }
+        (Some(Engine::Threads), Mode::Hold) => {
+            return Err("hold mode runs on the epoll engine only: leave --engine out".into());
+        }
+        (Some(e), _) => e,
+        (None, Mode::Udp) => Engine::Threads,
+        (None, _) => Engine::Epoll,
+    };
+    let max_connections = match cfg.engine {
+        Engine::Threads => MAX_THREAD_CONNECTIONS,
+        Engine::Epoll => MAX_EVENT_CONNECTIONS,
+    };
+    if !(1..=max_connections).contains(&cfg.connections) {
+        return Err(format!(
+            "--connections: 1 to {max_connections} on the {} engine",
+            cfg.engine.name()
+        ));
+    }
+    if let Some(n) = loops {
+        if cfg.engine != Engine::Epoll {
+            return Err("--loops applies to the epoll engine".into());
+        }
+        if n > cfg.connections {
+            return Err(format!(
+                "--loops {n} with -c {}: give at most one loop per connection",
+                cfg.connections
+            ));
+        }
+        cfg.loops = n;
+    }
+    if cfg.mode == Mode::Hold && warmup_given {
+        return Err("--warmup: hold mode has no warm-up (-d is its idle time)".into());
     }
     let max = if udp {
         MAX_DATAGRAM_SIZE
@@ -247,9 +344,11 @@ mod tests {
     fn defaults_and_modes() {
         let c = parse_str("--tcp 127.0.0.1:9").unwrap().unwrap();
         assert_eq!((c.mode, c.connections, c.size), (Mode::Rr, 8, 64));
+        assert_eq!((c.engine, c.loops), (Engine::Epoll, 1));
         assert_eq!(c.duration, Duration::from_secs(10));
         let c = parse_str("--udp [::1]:9 -c 3").unwrap().unwrap();
         assert_eq!((c.mode, c.connections), (Mode::Udp, 3));
+        assert_eq!(c.engine, Engine::Threads, "udp runs on threads");
         let c = parse_str("connect --unix /x.sock --duration=2.5 --json")
             .unwrap()
             .unwrap();
@@ -284,7 +383,15 @@ mod tests {
             "udp --tcp 127.0.0.1:9",
             "rr --udp 127.0.0.1:9",
             "--tcp 127.0.0.1:9 -c 0",
-            "--tcp 127.0.0.1:9 -c 5000",
+            "--tcp 127.0.0.1:9 -c 100001",
+            "--engine threads --tcp 127.0.0.1:9 -c 1025",
+            "--engine fibers --tcp 127.0.0.1:9",
+            "--engine epoll --udp 127.0.0.1:9",
+            "hold --engine threads --tcp 127.0.0.1:9",
+            "hold --tcp 127.0.0.1:9 --warmup 1",
+            "--tcp 127.0.0.1:9 -c 2 --loops 3",
+            "--tcp 127.0.0.1:9 --loops 0",
+            "--engine threads --tcp 127.0.0.1:9 --loops 2",
             "--tcp 127.0.0.1:9 -s 0",
             "--tcp 127.0.0.1:9 -d 301",
             "--tcp 127.0.0.1:9 -d 0",
@@ -293,6 +400,31 @@ mod tests {
         ] {
             assert!(parse_str(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn engines_loops_and_hold() {
+        let c = parse_str("rr --tcp 127.0.0.1:9 -c 10000 --loops 4")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.engine, c.loops, c.connections),
+            (Engine::Epoll, 4, 10000)
+        );
+        let c = parse_str("connect --engine threads --tcp 127.0.0.1:9")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.mode, c.engine, c.loops),
+            (Mode::Connect, Engine::Threads, 1)
+        );
+        let c = parse_str("hold --unix /x.sock -c 500 -d 2")
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.mode, c.engine), (Mode::Hold, Engine::Epoll));
+        assert_eq!(c.duration, Duration::from_secs(2));
+        let e = parse_str("hold --udp 127.0.0.1:9").unwrap_err();
+        assert!(e.contains("hold mode needs --tcp or --unix"), "{e}");
     }
 
     #[test]

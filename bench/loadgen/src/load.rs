@@ -1,18 +1,22 @@
-//! The load itself: one thread per connection (or UDP socket), blocking
+//! The threads engine: one thread per connection (or UDP socket), blocking
 //! sockets with a timeout on every operation, a closed loop (the next
 //! request waits for the echo of the last). Each thread publishes what it
 //! counted in a record of its own that the main thread reads at the end, so
 //! even a thread stuck in the kernel cannot hold the report back.
+//!
+//! Also what both engines share: the run's window, the kinds of failure
+//! and the counts (the epoll engine is `event.rs`).
 
 use crate::cli::{Config, Mode, Target};
 use crate::hist::Hist;
 use crate::payload::Payload;
+use crate::report;
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After the measured window, requests in flight get this long to finish
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 pub const GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed connection before the next try: a refusing server
 /// is not hammered in a tight loop.
-const RETRY_PAUSE: Duration = Duration::from_millis(10);
+pub const RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// The phases of a run, fixed at its start.
 pub struct Window {
@@ -44,7 +48,21 @@ impl Window {
         }
     }
 
-    fn measured(&self, t: Instant) -> bool {
+    /// hold mode: everything counts, and the run ends when its phases do;
+    /// `end` is only the bound that main waits to (the longest setup, the
+    /// idle time, the last echo).
+    pub fn whole(cfg: &Config, setup_limit: Duration) -> Window {
+        let start = Instant::now();
+        let end = start + setup_limit + cfg.duration + cfg.timeout;
+        Window {
+            start,
+            measure_from: start,
+            end,
+            grace_end: end + GRACE,
+        }
+    }
+
+    pub fn measured(&self, t: Instant) -> bool {
         t >= self.measure_from && t < self.end
     }
 }
@@ -80,6 +98,20 @@ impl Errors {
         self.fields().iter().map(|f| f.1).sum()
     }
 
+    /// Count one failure of `kind`.
+    pub fn bump(&mut self, kind: Kind) {
+        *match kind {
+            Kind::ConnectRefused => &mut self.connect_refused,
+            Kind::ConnectOther => &mut self.connect_other,
+            Kind::Reset => &mut self.reset,
+            Kind::EofEarly => &mut self.eof_early,
+            Kind::Timeout => &mut self.timeout,
+            Kind::Mismatch => &mut self.mismatch,
+            Kind::Lost => &mut self.lost,
+            Kind::Other => &mut self.other,
+        } += 1
+    }
+
     fn add(&mut self, o: &Errors) {
         self.connect_refused += o.connect_refused;
         self.connect_other += o.connect_other;
@@ -92,8 +124,9 @@ impl Errors {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
+/// The ways a request fails (see `Errors`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
     ConnectRefused,
     ConnectOther,
     Reset,
@@ -151,18 +184,18 @@ enum Outcome {
     Failed(Kind),
 }
 
-fn is_reset(e: &io::Error) -> bool {
+pub fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
     )
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+pub fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
-fn connect_kind(e: &io::Error) -> Kind {
+pub fn connect_kind(e: &io::Error) -> Kind {
     if e.kind() == ErrorKind::ConnectionRefused {
         Kind::ConnectRefused
     } else {
@@ -170,32 +203,39 @@ fn connect_kind(e: &io::Error) -> Kind {
     }
 }
 
+/// A TCP socket for `a`, bound to source address `src` if one is given
+/// (the port still the kernel's choice, made at connect).
+pub fn tcp_socket(a: SocketAddr, src: Option<Ipv4Addr>, ty: Type) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(a), ty, None)?;
+    if let Some(ip) = src {
+        // Without this, bind() picks the port before the destination is
+        // known and runs out of ports sooner.
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor and a c_int option of the size given;
+        // the result is checked.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        s.bind(&SocketAddr::new(ip.into(), 0).into())?;
+    }
+    Ok(s)
+}
+
 /// A stream socket to the target, with `timeout` on connect, reads and
 /// writes.
 pub fn connect(target: &Target, src: Option<Ipv4Addr>, timeout: Duration) -> io::Result<Socket> {
     match target {
         Target::Tcp(a) => {
-            let s = Socket::new(Domain::for_address(*a), Type::STREAM, None)?;
-            if let Some(ip) = src {
-                // Without this, bind() picks the port before the
-                // destination is known and runs out of ports sooner.
-                let on: libc::c_int = 1;
-                // SAFETY: a valid descriptor and a c_int option of the
-                // size given; the result is checked.
-                let r = unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::IPPROTO_IP,
-                        libc::IP_BIND_ADDRESS_NO_PORT,
-                        (&on as *const libc::c_int).cast(),
-                        size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-                if r != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                s.bind(&SocketAddr::new(ip.into(), 0).into())?;
-            }
+            let s = tcp_socket(*a, src, Type::STREAM)?;
             s.connect_timeout(&(*a).into(), timeout)?;
             s.set_tcp_nodelay(true)?;
             s.set_read_timeout(Some(timeout))?;
@@ -261,19 +301,7 @@ impl Conn<'_> {
     }
 
     fn count_error(&self, kind: Kind) {
-        self.count(Instant::now(), |c| {
-            let e = &mut c.errors;
-            *match kind {
-                Kind::ConnectRefused => &mut e.connect_refused,
-                Kind::ConnectOther => &mut e.connect_other,
-                Kind::Reset => &mut e.reset,
-                Kind::EofEarly => &mut e.eof_early,
-                Kind::Timeout => &mut e.timeout,
-                Kind::Mismatch => &mut e.mismatch,
-                Kind::Lost => &mut e.lost,
-                Kind::Other => &mut e.other,
-            } += 1
-        });
+        self.count(Instant::now(), |c| c.errors.bump(kind));
     }
 
     fn pause(&self) {
@@ -504,4 +532,63 @@ pub fn run_one(cfg: &Config, win: &Window, slot: &Slot, id: u64) {
         (Mode::Connect, _) => c.run_connect(),
         _ => c.run_rr(),
     }
+}
+
+/// Each connection's thread does little but block in the kernel.
+const STACK: usize = 256 * 1024;
+
+/// Run the load on a thread per connection and collect what every thread
+/// counted. Err: a thread could not be started.
+pub fn run(cfg: Config) -> Result<report::Run, String> {
+    let cfg = Arc::new(cfg);
+    let win = Arc::new(Window::new(&cfg));
+    let slots: Arc<Vec<Slot>> = Arc::new((0..cfg.connections).map(|_| Slot::default()).collect());
+    let mut threads = Vec::with_capacity(cfg.connections);
+    let n = cfg.connections;
+    for id in 0..n {
+        let (cfg, win, slots) = (cfg.clone(), win.clone(), slots.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(STACK)
+            .spawn(move || run_one(&cfg, &win, &slots[id], id as u64))
+            .map_err(|e| format!("cannot start thread {id} of {n}: {e}; lower -c"))?;
+        threads.push(t);
+    }
+
+    std::thread::sleep(win.end.saturating_duration_since(Instant::now()));
+    let (mut in_flight, mut oldest) = (0, Duration::ZERO);
+    for s in slots.iter() {
+        let v = s.in_flight.load(Ordering::Relaxed);
+        if v > 0 {
+            in_flight += 1;
+            let started = win.start + Duration::from_nanos(v - 1);
+            oldest = oldest.max(win.end.saturating_duration_since(started));
+        }
+    }
+
+    // Every socket operation ends by grace_end; this deadline is for a
+    // thread stuck anyway (a kernel that ignores a timeout): the report
+    // goes out without it, and leaving main ends the process.
+    let hard = win.grace_end + GRACE;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < hard {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let unfinished = threads.iter().filter(|t| !t.is_finished()).count();
+
+    let mut counts = Counts::default();
+    let mut starved = 0;
+    for s in slots.iter() {
+        let c = s.counts.lock().unwrap_or_else(|e| e.into_inner());
+        starved += usize::from(c.hist.count() == 0);
+        counts.merge(&c);
+    }
+    Ok(report::Run {
+        counts,
+        elapsed: cfg.duration.as_secs_f64(),
+        starved,
+        in_flight_at_end: in_flight,
+        oldest_in_flight_ms: oldest.as_secs_f64() * 1000.0,
+        unfinished,
+        hold: None,
+    })
 }

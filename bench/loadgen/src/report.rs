@@ -1,7 +1,7 @@
 //! The summary of a run, for people (a few lines) and for scripts (one JSON
 //! object whose keys bench/ab.py and bench/reload.py read).
 
-use crate::cli::{Config, Mode};
+use crate::cli::{Config, Engine, Mode};
 use crate::load::Counts;
 
 /// What the main thread saw besides the counts.
@@ -15,9 +15,24 @@ pub struct Run {
     /// Requests unanswered when the window closed, and the oldest's age.
     pub in_flight_at_end: usize,
     pub oldest_in_flight_ms: f64,
-    /// Threads still blocked at the hard deadline (their last request is
-    /// lost to the report; the process exits all the same).
+    /// Client threads (connections' or loops') still running at the hard
+    /// deadline (what they counted is lost to the report; the process
+    /// exits all the same).
     pub unfinished: usize,
+    /// hold mode's outcome.
+    pub hold: Option<Hold>,
+}
+
+/// What hold mode found.
+#[derive(Default)]
+pub struct Hold {
+    /// Connections that connected and answered one echo before the idle
+    /// time ...
+    pub held: usize,
+    /// ... and those that answered again after it.
+    pub served: usize,
+    /// How long the setup took (the slowest loop's).
+    pub setup_ms: f64,
 }
 
 fn json_string(s: &str) -> String {
@@ -61,16 +76,49 @@ pub fn render(cfg: &Config, r: &Run) -> (String, String) {
     let total = c.errors.total();
     let idle = c.idle_before_send + c.idle_after_send;
 
+    let engine = match cfg.engine {
+        Engine::Epoll => format!(
+            "epoll, {} loop{}",
+            cfg.loops,
+            if cfg.loops == 1 { "" } else { "s" }
+        ),
+        Engine::Threads => "threads".to_string(),
+    };
     let mut text = format!(
-        "loadgen {} {}  c={} size={}  measured {:.2}s after {:.1}s warm-up\n",
+        "loadgen {} {}  c={} size={}  ({engine})  ",
         cfg.mode.name(),
         cfg.target,
         cfg.connections,
         cfg.size,
-        r.elapsed,
-        cfg.warmup.as_secs_f64()
     );
-    text += &format!("  completed  {}  rate {rate:.1} {unit}\n", h.count());
+    match &r.hold {
+        Some(_) => text += &format!("idle {:.2}s\n", r.elapsed),
+        None => {
+            text += &format!(
+                "measured {:.2}s after {:.1}s warm-up\n",
+                r.elapsed,
+                cfg.warmup.as_secs_f64()
+            )
+        }
+    }
+    match &r.hold {
+        Some(hold) => {
+            text += &format!(
+                "  held {} of {} (connected and answered in {:.0} ms); answered again after the idle time {}; all served: {}\n",
+                hold.held,
+                cfg.connections,
+                hold.setup_ms,
+                hold.served,
+                if hold.served == cfg.connections {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+            text += &format!("  completed  {} round trips\n", h.count());
+        }
+        None => text += &format!("  completed  {}  rate {rate:.1} {unit}\n", h.count()),
+    }
     text += &format!(
         "  latency us  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}\n",
         lat[2].1, lat[3].1, lat[4].1, lat[5].1, lat[6].1, lat[1].1
@@ -106,7 +154,7 @@ pub fn render(cfg: &Config, r: &Run) -> (String, String) {
         r.starved,
         cfg.connections,
         if r.unfinished > 0 {
-            format!("; {} threads stuck past the deadline", r.unfinished)
+            format!("; {} client threads stuck past the deadline", r.unfinished)
         } else {
             String::new()
         }
@@ -124,7 +172,7 @@ pub fn render(cfg: &Config, r: &Run) -> (String, String) {
             "\"errors\":{{{}}},\"errors_total\":{},\"server_closed_idle\":{},",
             "\"closed_idle_before_send\":{},\"closed_idle_after_send\":{},\"connects\":{},",
             "\"late_replies\":{},\"starved\":{},\"in_flight_at_end\":{},\"oldest_in_flight_ms\":{:.1},",
-            "\"unfinished_threads\":{},\"src_ips\":{}}}"
+            "\"unfinished_threads\":{},\"src_ips\":{},\"engine\":{},\"loops\":{}{}}}"
         ),
         json_string(cfg.mode.name()),
         json_string(&cfg.target.to_string()),
@@ -147,7 +195,20 @@ pub fn render(cfg: &Config, r: &Run) -> (String, String) {
         r.in_flight_at_end,
         r.oldest_in_flight_ms,
         r.unfinished,
-        cfg.src_ips
+        cfg.src_ips,
+        json_string(cfg.engine.name()),
+        cfg.loops,
+        match &r.hold {
+            Some(hold) => format!(
+                ",\"held\":{},\"served\":{},\"all_served\":{},\"setup_ms\":{:.1},\"hold_s\":{:.3}",
+                hold.held,
+                hold.served,
+                hold.served == cfg.connections,
+                hold.setup_ms,
+                r.elapsed
+            ),
+            None => String::new(),
+        }
     );
     (text, json)
 }

@@ -1,75 +1,18 @@
-//! End-to-end: the loadgen binary against small servers started by the
-//! test (echo over TCP on 127.0.0.1:0, a Unix socket and UDP; one that never
-//! answers), each run short and killed if it overstays.
+//! End-to-end: the loadgen binary, on both engines, against small servers
+//! started by the test (echo over TCP on 127.0.0.1:0, a Unix socket and
+//! UDP; one that never answers), each run short and killed if it overstays.
+//! What only the epoll engine does (hold mode, thousands of connections,
+//! the descriptor limit) is in tests/event.rs.
 
-use std::io::{Read, Write};
+mod common;
+
+use common::{echo, field, loadgen, stdout, tcp_echo};
 use std::net::{TcpListener, UdpSocket};
 use std::os::unix::net::UnixListener;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Run loadgen with `args`; fail the test if it takes longer than `limit`.
-fn loadgen(args: &[&str], limit: Duration) -> (Output, Duration) {
-    let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start loadgen");
-    while child.try_wait().expect("poll loadgen").is_none() {
-        if t.elapsed() > limit {
-            child.kill().ok();
-            panic!("loadgen {args:?} still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (
-        child.wait_with_output().expect("collect loadgen"),
-        t.elapsed(),
-    )
-}
-
-/// A number from loadgen's flat JSON (keys are unique enough for this).
-fn field(json: &str, key: &str) -> f64 {
-    let at = json
-        .find(&format!("\"{key}\":"))
-        .unwrap_or_else(|| panic!("no {key} in {json}"));
-    let rest = &json[at + key.len() + 3..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
-}
-
-fn echo<S: Read + Write>(mut s: S) {
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 || s.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-}
-
-fn tcp_echo() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || echo(s));
-        }
-    });
-    addr
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "loadgen failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
+/// The stream engines; every stream test runs on both.
+const ENGINES: [&str; 2] = ["threads", "epoll"];
 
 #[test]
 fn rr_and_connect_over_tcp() {
@@ -79,40 +22,50 @@ fn rr_and_connect_over_tcp() {
         Duration::from_secs(10),
     );
     assert!(o.status.success());
-    let (o, took) = loadgen(
-        &[
-            "rr", "--tcp", &addr, "-c", "4", "-d", "1", "--warmup", "0.2", "--json",
-        ],
-        Duration::from_secs(10),
-    );
-    let j = stdout(&o);
-    assert!(field(&j, "requests") > 100.0, "{j}");
-    assert_eq!(field(&j, "errors_total"), 0.0, "{j}");
-    assert_eq!(field(&j, "starved"), 0.0, "{j}");
-    assert!(field(&j, "p99") >= field(&j, "p50"), "{j}");
-    assert!(j.contains("\"unit\":\"req/s\""), "{j}");
-    assert!(took < Duration::from_secs(4), "took {took:?}");
-    let (o, _) = loadgen(
-        &[
-            "connect",
-            "--tcp",
-            &addr,
-            "-c",
-            "2",
-            "-d",
-            "1",
-            "--src-ips",
-            "4",
-            "--json",
-        ],
-        Duration::from_secs(10),
-    );
-    let j = stdout(&o);
-    assert!(field(&j, "requests") > 10.0, "{j}");
-    assert_eq!(field(&j, "errors_total"), 0.0, "{j}");
-    // One connect per request, give or take those that straddle the end.
-    let (connects, requests) = (field(&j, "connects"), field(&j, "requests"));
-    assert!(connects >= requests && connects <= requests + 2.0, "{j}");
+    for engine in ENGINES {
+        let (o, took) = loadgen(
+            &[
+                "rr", "--tcp", &addr, "-c", "4", "-d", "1", "--warmup", "0.2", "--json",
+                "--engine", engine,
+            ],
+            Duration::from_secs(10),
+        );
+        let j = stdout(&o);
+        assert!(j.contains(&format!("\"engine\":\"{engine}\"")), "{j}");
+        assert!(field(&j, "requests") > 100.0, "{engine}: {j}");
+        assert_eq!(field(&j, "errors_total"), 0.0, "{engine}: {j}");
+        assert_eq!(field(&j, "starved"), 0.0, "{engine}: {j}");
+        assert!(field(&j, "p99") >= field(&j, "p50"), "{j}");
+        assert!(j.contains("\"unit\":\"req/s\""), "{j}");
+        assert!(took < Duration::from_secs(4), "{engine} took {took:?}");
+        let (o, _) = loadgen(
+            &[
+                "connect",
+                "--tcp",
+                &addr,
+                "-c",
+                "2",
+                "-d",
+                "1",
+                "--src-ips",
+                "4",
+                "--json",
+                "--engine",
+                engine,
+            ],
+            Duration::from_secs(10),
+        );
+        let j = stdout(&o);
+        assert!(field(&j, "requests") > 10.0, "{engine}: {j}");
+        assert_eq!(field(&j, "errors_total"), 0.0, "{engine}: {j}");
+        // One connect per request, give or take those that straddle the
+        // end of the window.
+        let (connects, requests) = (field(&j, "connects"), field(&j, "requests"));
+        assert!(
+            connects >= requests && connects <= requests + 2.0,
+            "{engine}: {j}"
+        );
+    }
 }
 
 #[test]
@@ -126,14 +79,18 @@ fn rr_over_a_unix_socket_and_udp() {
         }
     });
     let p = path.to_str().unwrap();
-    let (o, _) = loadgen(
-        &["--unix", p, "-c", "3", "-d", "1", "-s", "1000", "--json"],
-        Duration::from_secs(10),
-    );
-    let j = stdout(&o);
+    for engine in ENGINES {
+        let (o, _) = loadgen(
+            &[
+                "--unix", p, "-c", "3", "-d", "1", "-s", "1000", "--json", "--engine", engine,
+            ],
+            Duration::from_secs(10),
+        );
+        let j = stdout(&o);
+        assert!(field(&j, "requests") > 100.0, "{engine}: {j}");
+        assert_eq!(field(&j, "errors_total"), 0.0, "{engine}: {j}");
+    }
     std::fs::remove_file(&path).ok();
-    assert!(field(&j, "requests") > 100.0, "{j}");
-    assert_eq!(field(&j, "errors_total"), 0.0, "{j}");
 
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = u.local_addr().unwrap().to_string();
@@ -172,26 +129,30 @@ fn a_silent_server_costs_timeouts_not_a_hang() {
         std::thread::sleep(Duration::from_secs(30));
         drop(held);
     });
-    let (o, took) = loadgen(
-        &[
-            "rr",
-            "--tcp",
-            &addr,
-            "-c",
-            "3",
-            "-d",
-            "1",
-            "--timeout-ms",
-            "300",
-            "--json",
-        ],
-        Duration::from_secs(10),
-    );
-    let j = stdout(&o);
-    assert_eq!(field(&j, "requests"), 0.0, "{j}");
-    assert!(field(&j, "timeout") >= 3.0, "{j}");
-    assert_eq!(field(&j, "starved"), 3.0, "{j}");
-    assert!(took < Duration::from_secs(3), "took {took:?}");
+    for engine in ENGINES {
+        let (o, took) = loadgen(
+            &[
+                "rr",
+                "--tcp",
+                &addr,
+                "-c",
+                "3",
+                "-d",
+                "1",
+                "--timeout-ms",
+                "300",
+                "--json",
+                "--engine",
+                engine,
+            ],
+            Duration::from_secs(10),
+        );
+        let j = stdout(&o);
+        assert_eq!(field(&j, "requests"), 0.0, "{engine}: {j}");
+        assert!(field(&j, "timeout") >= 3.0, "{engine}: {j}");
+        assert_eq!(field(&j, "starved"), 3.0, "{engine}: {j}");
+        assert!(took < Duration::from_secs(3), "{engine} took {took:?}");
+    }
     let (o, took) = loadgen(
         &["wait", "--tcp", &addr, "--timeout-ms", "700"],
         Duration::from_secs(10),
