@@ -1161,15 +1161,21 @@ fn reload_and_upgrade_under_500_connections_lose_nothing() {
 // 4. The heartbeat, and a handler that panics.
 
 /// Two connections of `blocker`, each on another of its 2 workers: A first.
+/// At light load the first waiting worker takes every connection (below 16
+/// it is never "ahead" of its sibling: src/worker/gate.rs), so the others
+/// are held open, not closed, until one lands on the other worker.
 fn one_on_each_worker(d: &Daemon, addr: SocketAddr) -> ((TcpStream, i32), (TcpStream, i32)) {
     let workers = d.wait_workers(2);
     let mut kept: Vec<(TcpStream, i32)> = Vec::new();
+    let mut held = Vec::new();
     for _ in 0..40 {
         let s = idle_connection(addr);
         let on = holders(addr, &[&s], &workers)[0]
             .unwrap_or_else(|| panic!("no worker of {workers:?} holds {s:?}"));
         if kept.iter().all(|(_, w)| *w != on) {
             kept.push((s, on));
+        } else {
+            held.push(s);
         }
         if kept.len() == 2 {
             let b = kept.pop().unwrap();
@@ -1291,6 +1297,7 @@ fn blocked_loop_takes_no_new_connections() {
     // killed: each must be answered.
     let killed = format!("(pid {blocked}) killed by signal");
     let (mut answered, mut lost) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
     while d.count_log(&killed) == 0 {
         let mut s = connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -1300,8 +1307,9 @@ fn blocked_loop_takes_no_new_connections() {
             Err(e) => lost.push(format!("client port {port}: {e}")),
         }
         assert!(
-            answered + lost.len() < 10_000,
-            "the blocked worker was never killed"
+            Instant::now() < deadline,
+            "the blocked worker was not killed within 60 s ({answered} answered meanwhile); log:\n{}",
+            d.log_text()
         );
     }
     assert!(

@@ -229,8 +229,7 @@ impl Gate {
             }
             // Out of the queues when full, blocked or ahead of a sibling;
             // otherwise it stays where it is.
-            if registered
-                && (self.capacity.is_full() || self.capacity.is_stalled() || self.ahead())
+            if registered && (self.capacity.is_full() || self.capacity.is_stalled() || self.ahead())
             {
                 self.register(&ep, false)?;
                 registered = false;
