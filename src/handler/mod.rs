@@ -43,12 +43,10 @@ pub(crate) use event::{AsyncStream, Pool, Shared, Stop};
 ///
 /// One object serves every connection of a worker, from all its accept
 /// threads at once, so it takes `&self` and must be `Send + Sync`; state
-/// per connection lives in `handle`'s locals. Nothing in the trait assumes
-/// a thread per connection: everything a handler learns about its
-/// connection comes through [`Connection`], so a later event-driven worker
-/// mode (many connections per thread, as gevent's server has) can be added
-/// as a new kind of handler in [`Handlers`] (non-exhaustive for that
-/// reason) without changing this one.
+/// per connection lives in `handle`'s locals. This is the handler of
+/// `mode = "threads"` services; `mode = "async"` ones (many connections
+/// per thread, as gevent's server has) use an [`AsyncStreamHandler`],
+/// which a plugin adds beside it in [`Handlers`].
 ///
 /// ```no_run
 /// use std::io::{self, Write};
