@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 
 use crate::config::Credentials;
 use crate::exit::worker as code;
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::{Counters, Scoreboard};
 use crate::stats::{ExitCause, Snapshot, SpawnCause, Stats, WorkerState};
 use crate::sys;
 
@@ -491,44 +491,40 @@ pub fn render(snap: &Snapshot, board: &Scoreboard, last: &mut HashMap<String, u6
             l.active
         );
     }
-    header(
-        &mut out,
-        "preforkd_worker_connections",
-        "gauge",
-        "Connections each live worker is serving now (by pid).",
-    );
-    for s in &snap.services {
-        for (_, slot) in &s.workers {
-            let c = board.read(*slot);
-            if c.pid != 0 {
-                let _ = writeln!(
-                    out,
-                    "preforkd_worker_connections{{{},pid=\"{}\"}} {}",
-                    svc(&s.name),
-                    c.pid,
-                    c.active
-                );
-            }
-        }
-    }
-    header(
-        &mut out,
-        "preforkd_worker_full_total",
-        "counter",
-        "Times each live event-driven worker was at worker_connections and stopped accepting, leaving new connections to the others (by pid).",
-    );
-    for s in &snap.services {
-        for (_, slot) in &s.workers {
-            let c = board.read(*slot);
-            if c.pid != 0 {
-                let _ = writeln!(
-                    out,
-                    "preforkd_worker_full_total{{{},pid=\"{}\"}} {}",
-                    svc(&s.name),
-                    c.pid,
-                    c.full
-                );
-            }
+    // Per live worker, by pid: each slot read once for both series.
+    let workers: Vec<(&str, Counters)> = snap
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.workers
+                .iter()
+                .map(|(_, slot)| (s.name.as_str(), board.read(*slot)))
+        })
+        .filter(|(_, c)| c.pid != 0)
+        .collect();
+    for (name, kind, help, value) in [
+        (
+            "preforkd_worker_connections",
+            "gauge",
+            "Connections each live worker is serving now (by pid).",
+            (|c: &Counters| c.active) as fn(&Counters) -> u64,
+        ),
+        (
+            "preforkd_worker_full_total",
+            "counter",
+            "Times each live event-driven worker was at worker_connections and stopped accepting, leaving new connections to the others (by pid).",
+            |c: &Counters| c.full,
+        ),
+    ] {
+        header(&mut out, name, kind, help);
+        for (service, c) in &workers {
+            let _ = writeln!(
+                out,
+                "{name}{{{},pid=\"{}\"}} {}",
+                svc(service),
+                c.pid,
+                value(c)
+            );
         }
     }
     header(
