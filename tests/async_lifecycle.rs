@@ -136,13 +136,6 @@ fn svc<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no service {name} in {v:#}"))
 }
 
-/// The pid in a `worker NAME (pid N)...` log line.
-fn pid_in(line: &str) -> i32 {
-    let start = line.find("(pid ").unwrap() + 5;
-    let end = start + line[start..].find(')').unwrap();
-    line[start..end].parse().unwrap()
-}
-
 /// The master named in the pid file after a binary upgrade: not the
 /// test's child. The daemon's guard kills its process group, which the new
 /// master shares; were it ever in a group of its own, this kills that
@@ -1344,94 +1337,6 @@ fn panicking_handler_loses_only_its_connection() {
 
 // ---------------------------------------------------------------------------
 // 5. Recycling without shrinking capacity.
-
-/// Samples, in a thread until finished, the fewest ready (idle or busy)
-/// workers of `service` that `status` showed, and how many samples.
-struct ReadySampler {
-    stop: Arc<AtomicBool>,
-    min: Arc<AtomicUsize>,
-    samples: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ReadySampler {
-    fn start(d: &Daemon, service: &'static str) -> ReadySampler {
-        let config = d.path("preforkd.toml");
-        let stop = Arc::new(AtomicBool::new(false));
-        let min = Arc::new(AtomicUsize::new(usize::MAX));
-        let samples = Arc::new(AtomicUsize::new(0));
-        let (s, m, n) = (stop.clone(), min.clone(), samples.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let out = run_cli(&config, &["status", "--json"]);
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                    let ready = status_workers(&v, service)
-                        .iter()
-                        .filter(|w| w["state"] == "idle" || w["state"] == "busy")
-                        .count();
-                    m.fetch_min(ready, Ordering::SeqCst);
-                    n.fetch_add(1, Ordering::SeqCst);
-                }
-                // Pacing, not synchronisation: a sample every 50 ms is
-                // plenty and leaves the 2 cores to the test.
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        ReadySampler {
-            stop,
-            min,
-            samples,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; (fewest ready, samples).
-    fn finish(mut self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (
-            self.min.load(Ordering::SeqCst),
-            self.samples.load(Ordering::SeqCst),
-        )
-    }
-}
-
-impl Drop for ReadySampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Checks, for every recycled worker in the log, that its replacement was
-/// ready before it was asked to stop (and so before it exited); returns how
-/// many were.
-fn replaced_first(log: &str) -> usize {
-    let lines: Vec<&str> = log.lines().collect();
-    let mut n = 0;
-    for (i, l) in lines.iter().enumerate() {
-        if !l.contains("): replaced by ") {
-            continue;
-        }
-        n += 1;
-        let old = pid_in(l);
-        let new_pid = pid_in(&l[l.find("replaced by ").unwrap()..]);
-        let ready = lines
-            .iter()
-            .position(|x| x.contains(&format!("(pid {new_pid}) ready")))
-            .unwrap_or_else(|| panic!("replacement {new_pid} never ready:\n{log}"));
-        let exited = lines
-            .iter()
-            .position(|x| x.contains(&format!("(pid {old}) exited")))
-            .unwrap_or(usize::MAX);
-        assert!(
-            ready < i && i < exited,
-            "worker {old}: replacement {new_pid} ready at line {ready}, stop at {i}, exit at {exited}:\n{log}"
-        );
-    }
-    n
-}
 
 /// Recycles `service` (async, 2 workers, `limit` in its config) under
 /// connect loops and kept-alive clients until `until` recycles are logged:

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,16 +16,6 @@ use common::*;
 
 const HEAD: &str =
     "[daemon]\npid_file = \"{dir}/preforkd.pid\"\n\n[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
-
-/// Writes an executable shell script; returns its path.
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    path
-}
 
 /// A config of one exec service; `options` go into its options table.
 fn exec_service(listen: &[&str], extra: &str, options: &str) -> String {

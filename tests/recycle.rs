@@ -11,7 +11,6 @@ mod common;
 
 use std::io::{self, Write};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -63,91 +62,6 @@ fn start(config: &str) -> Daemon {
 }
 
 const CONTROL: &str = "[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
-
-/// Samples, in a thread until dropped, the fewest ready (idle or busy)
-/// workers of `service` that `status` showed, and how many samples.
-struct ReadySampler {
-    stop: std::sync::Arc<AtomicBool>,
-    min: std::sync::Arc<AtomicUsize>,
-    samples: std::sync::Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ReadySampler {
-    fn start(d: &Daemon, service: &'static str) -> ReadySampler {
-        let config = d.path("preforkd.toml");
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let min = std::sync::Arc::new(AtomicUsize::new(usize::MAX));
-        let samples = std::sync::Arc::new(AtomicUsize::new(0));
-        let (s, m, n) = (stop.clone(), min.clone(), samples.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let out = run_cli(&config, &["status", "--json"]);
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                    let ready = status_workers(&v, service)
-                        .iter()
-                        .filter(|w| w["state"] == "idle" || w["state"] == "busy")
-                        .count();
-                    m.fetch_min(ready, Ordering::SeqCst);
-                    n.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        });
-        ReadySampler {
-            stop,
-            min,
-            samples,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; (fewest ready, samples).
-    fn finish(mut self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (
-            self.min.load(Ordering::SeqCst),
-            self.samples.load(Ordering::SeqCst),
-        )
-    }
-}
-
-/// The pid in a `worker NAME (pid N)...` log line.
-fn pid_in(line: &str) -> i32 {
-    let start = line.find("(pid ").unwrap() + 5;
-    let end = start + line[start..].find(')').unwrap();
-    line[start..end].parse().unwrap()
-}
-
-/// Checks, for every recycled worker in the log, that its replacement was
-/// ready before it was asked to stop.
-fn replaced_first(log: &str) -> usize {
-    let lines: Vec<&str> = log.lines().collect();
-    let mut n = 0;
-    for (i, l) in lines.iter().enumerate() {
-        if !l.contains("): replaced by ") {
-            continue;
-        }
-        n += 1;
-        let old = pid_in(l);
-        let new_pid: i32 = {
-            let tail = &l[l.find("replaced by ").unwrap()..];
-            pid_in(tail)
-        };
-        let ready = lines
-            .iter()
-            .position(|x| x.contains(&format!("(pid {new_pid}) ready")))
-            .unwrap_or_else(|| panic!("replacement {new_pid} never ready:\n{log}"));
-        let exited = lines
-            .iter()
-            .position(|x| x.contains(&format!("(pid {old}) exited")))
-            .unwrap_or(usize::MAX);
-        assert!(ready < i && i < exited, "order wrong for {old}:\n{log}");
-    }
-    n
-}
 
 /// A worker whose memory grows past max_memory is recycled: a replacement
 /// is started and ready before it is asked to stop, and the pool never has

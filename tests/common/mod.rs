@@ -613,3 +613,110 @@ pub fn strace() -> Option<std::path::PathBuf> {
         .is_ok_and(|s| s.success());
     (out.status.success() && works).then_some(path)
 }
+
+/// Writes an executable shell script (`body` after `#!/bin/sh`) into `dir`,
+/// whole or not at all (written aside, then renamed); returns its path.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, format!("#!/bin/sh\n{body}")).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// The pid in a `worker NAME (pid N)...` log line.
+pub fn pid_in(line: &str) -> i32 {
+    let start = line.find("(pid ").unwrap() + 5;
+    let end = start + line[start..].find(')').unwrap();
+    line[start..end].parse().unwrap()
+}
+
+/// Samples, in a thread until finished, the fewest ready (idle or busy)
+/// workers of `service` that `status` showed, and how many samples.
+pub struct ReadySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    min: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    samples: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReadySampler {
+    pub fn start(d: &Daemon, service: &'static str) -> ReadySampler {
+        let config = d.path("preforkd.toml");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let min = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+        let samples = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, m, n) = (stop.clone(), min.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = run_cli(&config, &["status", "--json"]);
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    let ready = status_workers(&v, service)
+                        .iter()
+                        .filter(|w| w["state"] == "idle" || w["state"] == "busy")
+                        .count();
+                    m.fetch_min(ready, std::sync::atomic::Ordering::SeqCst);
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                // Pacing, not synchronisation: a sample every 50 ms is
+                // plenty and leaves the 2 cores to the test.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        ReadySampler {
+            stop,
+            min,
+            samples,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; (fewest ready, samples).
+    pub fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.min.load(std::sync::atomic::Ordering::SeqCst),
+            self.samples.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for ReadySampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Checks, for every recycled worker in the log, that its replacement was
+/// ready before it was asked to stop (and so before it exited); returns how
+/// many were.
+pub fn replaced_first(log: &str) -> usize {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut n = 0;
+    for (i, l) in lines.iter().enumerate() {
+        if !l.contains("): replaced by ") {
+            continue;
+        }
+        n += 1;
+        let old = pid_in(l);
+        let new_pid = pid_in(&l[l.find("replaced by ").unwrap()..]);
+        let ready = lines
+            .iter()
+            .position(|x| x.contains(&format!("(pid {new_pid}) ready")))
+            .unwrap_or_else(|| panic!("replacement {new_pid} never ready:\n{log}"));
+        let exited = lines
+            .iter()
+            .position(|x| x.contains(&format!("(pid {old}) exited")))
+            .unwrap_or(usize::MAX);
+        assert!(
+            ready < i && i < exited,
+            "worker {old}: replacement {new_pid} ready at line {ready}, stop at {i}, exit at {exited}:\n{log}"
+        );
+    }
+    n
+}
