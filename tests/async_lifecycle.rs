@@ -710,15 +710,6 @@ fn closed(s: &mut impl Read) -> bool {
     }
 }
 
-/// Bytes waiting in a socket's receive buffer (FIONREAD), without reading.
-fn pending(s: &TcpStream) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
-    assert_eq!(rc, 0, "ioctl(FIONREAD): {}", io::Error::last_os_error());
-    n as usize
-}
-
 // ---------------------------------------------------------------------------
 // 1. Graceful stop and reload under request/response load.
 

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -45,20 +44,6 @@ fn assert_files_removed(d: &Daemon) {
             d.log_text()
         );
     }
-}
-
-/// Bytes waiting in a socket's receive buffer (FIONREAD), without reading.
-fn pending(s: &TcpStream) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
-    assert_eq!(
-        rc,
-        0,
-        "ioctl(FIONREAD): {}",
-        std::io::Error::last_os_error()
-    );
-    n as usize
 }
 
 /// A connection on which one echo round trip was done: a worker has

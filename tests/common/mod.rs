@@ -720,3 +720,17 @@ pub fn replaced_first(log: &str) -> usize {
     }
     n
 }
+
+/// Bytes waiting in a socket's receive buffer (FIONREAD), without reading.
+pub fn pending(s: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(s), libc::FIONREAD, &mut n) };
+    assert_eq!(
+        rc,
+        0,
+        "ioctl(FIONREAD): {}",
+        std::io::Error::last_os_error()
+    );
+    n as usize
+}
