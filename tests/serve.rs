@@ -80,21 +80,6 @@ fn udp_echo(to: std::net::SocketAddr, from: &str) {
     assert_eq!(udp_ask(to, from, b"hello over udp"), b"hello over udp");
 }
 
-/// Sends `payload` from a socket bound to `from` and returns the answer,
-/// sending again while none comes (UDP may drop), within the deadline.
-fn udp_ask(to: std::net::SocketAddr, from: &str, payload: &[u8]) -> Vec<u8> {
-    let s = UdpSocket::bind(from).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    wait_for(DEADLINE, || {
-        s.send_to(payload, to).ok()?;
-        let mut buf = [0u8; 2048];
-        let n = s.recv(&mut buf).ok()?;
-        Some(buf[..n].to_vec())
-    })
-    .unwrap_or_else(|| panic!("no answer from udp://{to}"))
-}
-
 #[test]
 fn discard_daytime_chargen_per_rfc() {
     let config = [

@@ -734,3 +734,18 @@ pub fn pending(s: &TcpStream) -> usize {
     );
     n as usize
 }
+
+/// Sends `payload` from a socket bound to `from` and returns the answer,
+/// sending again while none comes (UDP may drop), within the deadline.
+pub fn udp_ask(to: SocketAddr, from: &str, payload: &[u8]) -> Vec<u8> {
+    let s = std::net::UdpSocket::bind(from).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    wait_for(DEADLINE, || {
+        s.send_to(payload, to).ok()?;
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    })
+    .unwrap_or_else(|| panic!("no answer from udp://{to}"))
+}
