@@ -303,6 +303,10 @@ struct Tally {
     closed_clean: AtomicUsize,
     /// Clients that are done (`UntilClosed`: closed, or failed).
     done: AtomicUsize,
+    /// `Persistent` clients whose connection has not had an answer yet
+    /// (not accepted, or not served yet): a connection still in the accept
+    /// queue when a generation stops is the next one's to accept.
+    unanswered: AtomicUsize,
     failures: Mutex<BTreeMap<Failure, usize>>,
     /// The first few failures, described.
     examples: Mutex<Vec<String>>,
@@ -372,6 +376,9 @@ struct Client {
     done: bool,
     /// After a failure: not before this (no spinning on a dead daemon).
     retry_at: Option<Instant>,
+    /// `Persistent`: its connection has not had an answer yet (counted in
+    /// [`Tally::unanswered`]).
+    unanswered: bool,
 }
 
 impl Client {
@@ -389,6 +396,7 @@ impl Client {
             warm: false,
             done: false,
             retry_at: None,
+            unanswered: false,
         }
     }
 
@@ -404,6 +412,10 @@ impl Client {
         self.retry_at = None;
         match connect(addr).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(s) => {
+                if self.kind == Kind::Persistent && !self.unanswered {
+                    self.unanswered = true;
+                    tally.unanswered.fetch_add(1, Ordering::SeqCst);
+                }
                 self.stream = Some(s);
                 self.written = 0;
                 self.got.clear();
@@ -443,6 +455,10 @@ impl Client {
 
     fn answered(&mut self, tally: &Tally) {
         tally.ok.fetch_add(1, Ordering::SeqCst);
+        if self.unanswered {
+            self.unanswered = false;
+            tally.unanswered.fetch_sub(1, Ordering::SeqCst);
+        }
         if !self.warm {
             self.warm = true;
             tally.warm.fetch_add(1, Ordering::SeqCst);
@@ -624,6 +640,23 @@ impl Load {
         wait_for(DEADLINE, || (self.tally.ok() >= target).then_some(())).unwrap_or_else(|| {
             panic!(
                 "clients stuck below {target} answers: {}; log:\n{}",
+                self.tally.summary(),
+                d.log_text()
+            )
+        });
+    }
+
+    /// Waits until every `Persistent` client's connection has had an
+    /// answer: each is held by a worker of the generation now serving, so
+    /// that the next stop of a generation closes every one of them.
+    fn wait_answered(&self, d: &Daemon) {
+        wait_for(DEADLINE, || {
+            (self.tally.unanswered.load(Ordering::SeqCst) == 0).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} kept-alive connections had no answer: {}; log:\n{}",
+                self.tally.unanswered.load(Ordering::SeqCst),
                 self.tally.summary(),
                 d.log_text()
             )
@@ -1099,6 +1132,10 @@ fn reload_and_upgrade_under_500_connections_lose_nothing() {
         wait_gone(&d, pid, "a first-generation worker after the reload");
     }
     load.wait_more(5000, &d);
+    // Every kept-alive client reconnected and was served by the second
+    // generation (on a slow machine some may still wait in the queue,
+    // which the upgrade's new workers would take).
+    load.wait_answered(&d);
 
     // The upgrade: a new master (this binary again) takes the listeners.
     let second = wait_settled(&d);
