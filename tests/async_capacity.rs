@@ -259,12 +259,6 @@ fn total(c: &[Counts], f: impl Fn(&Counts) -> u64) -> u64 {
     c.iter().map(f).sum()
 }
 
-/// The metrics endpoint's address, from the log.
-fn metrics_url(d: &Daemon) -> String {
-    let line = d.wait_log("metrics: serving http://");
-    line[line.find("http://").unwrap()..].trim().to_string()
-}
-
 /// GET the metrics and parse them (the `prometheus-parse` crate): each
 /// sample's value by name and `pid` label.
 fn scrape(url: &str) -> Vec<(String, Option<String>, f64)> {
@@ -580,7 +574,10 @@ fn max_connections_per_ip_counts_across_workers() {
             "echo",
             &["tcp://127.0.0.1:0"],
             "echo",
-            "workers = 2\nmax_connections_per_ip = 3"
+            // worker_connections = 3: should the first three land on one
+            // worker (the accept queue's wake-ups favour an idle waiter),
+            // it is full, and the next ones go to the other.
+            "workers = 2\nworker_connections = 3\nmax_connections_per_ip = 3"
         )
     ));
     d.wait_ready();
