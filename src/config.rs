@@ -124,6 +124,12 @@ pub struct DaemonConfig {
     /// carries on.
     #[serde(default = "sixty_seconds", with = "nonzero_duration")]
     pub upgrade_timeout: Duration,
+    /// On SIGTERM (or `preforkd stop`), how long the daemon reports itself
+    /// not ready (`/ready`, status, sd_notify) while it keeps serving,
+    /// before the graceful stop begins: the time a load balancer takes to
+    /// see it and send no more clients. SIGINT/SIGQUIT skip it.
+    #[serde(default, with = "duration")]
+    pub shutdown_delay: Duration,
     /// The user the workers run as (a name). None: they keep the master's
     /// credentials. The master itself keeps its privileges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +161,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             pid_file: None,
             upgrade_timeout: sixty_seconds(),
+            shutdown_delay: Duration::ZERO,
             user: None,
             group: None,
             credentials: None,

@@ -414,18 +414,69 @@ impl Listener {
         self.socket.try_clone()
     }
 
-    /// Stops a stream listener from accepting: new connections are refused
-    /// at once, in every process that shares the socket. Used only when the
-    /// whole daemon stops.
+    /// Stops a stream listener from accepting at once, in every process that
+    /// shares the socket: a fast stop. What is queued is reset (TCP).
+    /// systemd's sockets are left alone: connections queue there until the
+    /// service starts again.
     pub fn stop_accepting(&self) {
-        // systemd's socket lives on after us: connections queue there until
-        // the service starts again.
         if self.bound.is_stream() && !self.systemd {
             // Errors are of no consequence: the socket is closed right after.
             let _ = nix::sys::socket::shutdown(
                 self.socket.as_raw_fd(),
                 nix::sys::socket::Shutdown::Read,
             );
+        }
+    }
+
+    /// First step of a graceful stop that loses nothing queued: no new
+    /// client gets in, and every connection already queued (or, for TCP,
+    /// whose handshake is under way) stays to be accepted.
+    ///
+    /// TCP: a socket filter on the listener drops every segment that opens
+    /// a handshake (SYN without ACK), so a new client's SYN goes unanswered
+    /// (it retransmits, and is refused once the listener closes); segments
+    /// of handshakes already answered pass, and those connections complete
+    /// into the queue. Unix: the socket file goes and shutdown(SHUT_RD)
+    /// makes connect() fail with "connection refused", while the queue
+    /// stays acceptable (Linux's af_unix keeps it). Not for systemd's
+    /// sockets, nor datagram ones (nothing queues there but datagrams).
+    pub fn refuse_new_clients(&mut self) -> io::Result<()> {
+        if !self.bound.is_stream() || self.systemd {
+            return Ok(());
+        }
+        match self.bound {
+            ListenAddr::Tcp(_) => {
+                socket2::SockRef::from(&self.socket).attach_filter(&DROP_HANDSHAKES)?
+            }
+            _ => {
+                self.remove_file();
+                nix::sys::socket::shutdown(
+                    self.socket.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Read,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Second step, once no handshake is half open (see [`half_open`]):
+    /// the TCP listener's filter drops everything, so nothing can join its
+    /// queue any more and a worker that finds the queue empty knows it is
+    /// empty for good ([`is_sealed`]). Unix listeners were sealed by the
+    /// first step.
+    pub fn seal(&self) -> io::Result<()> {
+        if matches!(self.bound, ListenAddr::Tcp(_)) && !self.systemd {
+            socket2::SockRef::from(&self.socket).attach_filter(&DROP_ALL)?;
+        }
+        Ok(())
+    }
+
+    /// The TCP port and address this listener is bound to, if it is a TCP
+    /// listener of ours (for [`half_open`]).
+    pub fn tcp_bound(&self) -> Option<std::net::SocketAddr> {
+        match &self.bound {
+            ListenAddr::Tcp(a) if !self.systemd => Some(*a),
+            _ => None,
         }
     }
 
@@ -552,6 +603,103 @@ fn kind_of(socket: &Socket) -> io::Result<ListenAddr> {
             "the socket's domain {domain:?} is not inet or Unix"
         )))
     }
+}
+
+/// Classic BPF, run on each segment that reaches a TCP listener (its data
+/// starts at the TCP header): drop a segment whose flags have SYN without
+/// ACK, keep the rest whole.
+const DROP_HANDSHAKES: [socket2::SockFilter; 5] = [
+    // ldb [13]: the flags byte
+    socket2::SockFilter::new(0x30, 0, 0, 13),
+    // jset #ACK: keep
+    socket2::SockFilter::new(0x45, 2, 0, 0x10),
+    // jset #SYN: drop; else keep
+    socket2::SockFilter::new(0x45, 0, 1, 0x02),
+    // ret #0: drop
+    socket2::SockFilter::new(0x06, 0, 0, 0),
+    // ret #-1: keep the whole segment
+    socket2::SockFilter::new(0x06, 0, 0, u32::MAX),
+];
+
+/// Drop every segment (`ret #0`): the sealed listener.
+const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+
+/// Whether a worker's stream listener was sealed by a stopping master
+/// ([`Listener::seal`]): nothing can join its queue any more, so the
+/// worker accepts until the queue is empty and every queued connection is
+/// served. TCP: the socket's filter is [`DROP_ALL`], one instruction (only
+/// preforkd attaches filters to its listeners); Unix: the listener was
+/// shut down for reading, which poll(2) reports as POLLRDHUP.
+pub fn is_sealed(socket: &WorkerSocket) -> bool {
+    match socket {
+        WorkerSocket::Tcp(l) => {
+            let mut len: libc::socklen_t = 0;
+            // SAFETY: with optlen 0, SO_GET_FILTER writes nothing to optval
+            // (null) and stores the filter's length in instructions in
+            // `len`, which lives across the call.
+            let r = unsafe {
+                libc::getsockopt(
+                    l.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ATTACH_FILTER,
+                    std::ptr::null_mut(),
+                    &mut len,
+                )
+            };
+            r == 0 && len as usize == DROP_ALL.len()
+        }
+        WorkerSocket::Unix(l) => {
+            let mut fd = libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: poll(2) reads and writes the one pollfd, which lives
+            // across the call; a zero timeout does not block.
+            let r = unsafe { libc::poll(&mut fd, 1, 0) };
+            r == 1 && fd.revents & libc::POLLRDHUP != 0
+        }
+        WorkerSocket::Udp(_) | WorkerSocket::UnixGram(_) => false,
+    }
+}
+
+/// Handshakes under way (SYN received, answered, final ACK not yet in) to
+/// any of `bound`, from /proc/net/tcp and /proc/net/tcp6 of our network
+/// namespace: the stop seals a listener when none is left, so that a
+/// client whose SYN was answered is not cut off. 0 if the tables cannot be
+/// read (the stop then waits its bound).
+pub fn half_open(bound: &[std::net::SocketAddr]) -> usize {
+    if bound.is_empty() {
+        return 0;
+    }
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut f = line.split_whitespace();
+            let (Some(_), Some(local), Some(_), Some(state)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            // 03: TCP_SYN_RECV (a request socket).
+            if state != "03" {
+                continue;
+            }
+            let Some(port) = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            else {
+                continue;
+            };
+            if bound.iter().any(|b| b.port() == port) {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// A listener as a worker uses it: the std type for its kind.

@@ -7,8 +7,12 @@
 //!
 //! HTTP is kept minimal and bounded: one request per connection (`Connection:
 //! close`), the whole request head within 5 s (else 408) and at most 8 KiB,
-//! GET or HEAD of `/metrics` (a query string is ignored) answered 200, any
-//! other path 404, any other method 405, a malformed head 400. One thread
+//! GET or HEAD of `/metrics` (a query string is ignored) answered 200,
+//! `/ready` (200 `ready`, or 503 with the reason: starting, a pool with no
+//! ready worker, shutdown delay, stopping) and `/live` (200 while the
+//! master's loop turns, 503 once its heartbeat is 5 s old) for load
+//! balancers and orchestrators, any other path 404, any other method 405, a
+//! malformed head 400. One thread
 //! serves every connection nonblocking from one poll(2) (at most 256; past
 //! that the oldest without a complete head is closed), so slow clients
 //! delay no scrape: a scrape is rendered and written the moment its head
@@ -29,7 +33,7 @@ use nix::unistd::Pid;
 use crate::config::Credentials;
 use crate::exit::worker as code;
 use crate::scoreboard::{Counters, Scoreboard};
-use crate::stats::{ExitCause, Snapshot, SpawnCause, Stats, WorkerState};
+use crate::stats::{ExitCause, Readiness, Snapshot, SpawnCause, Stats, WorkerState};
 use crate::sys;
 
 /// Longest request head read.
@@ -282,10 +286,16 @@ fn answer(
             let path = path.split('?').next().unwrap_or("");
             if method != "GET" && method != "HEAD" {
                 (405, "method not allowed: use GET\n".to_string(), true)
+            } else if path == "/ready" {
+                let (status, body) = ready(stats);
+                (status, body, method != "HEAD")
+            } else if path == "/live" {
+                let (status, body) = live(stats.beat_ms(), sys::coarse_ms());
+                (status, body, method != "HEAD")
             } else if path != "/metrics" {
                 (
                     404,
-                    "not found: metrics are at /metrics\n".to_string(),
+                    "not found: metrics are at /metrics (health: /ready, /live)\n".to_string(),
                     true,
                 )
             } else {
@@ -297,6 +307,51 @@ fn answer(
         }
     };
     respond(status, &body, send_body)
+}
+
+/// `GET /ready`: 200 when the daemon takes clients (every service has a
+/// ready worker; not starting, stopping or in its shutdown delay), else
+/// 503 and why, in one line.
+fn ready(stats: &Stats) -> (u16, String) {
+    let why = match stats.readiness() {
+        Readiness::Ready => return (200, "ready\n".to_string()),
+        Readiness::Starting => "starting".to_string(),
+        Readiness::Delay { until_ms } => {
+            let left = until_ms.saturating_sub(sys::coarse_ms());
+            format!("shutdown delay (stopping in {}s)", left.div_ceil(1000))
+        }
+        Readiness::Stopping => "stopping".to_string(),
+        Readiness::Retiring => "retiring: a new master took over".to_string(),
+        Readiness::Short {
+            service,
+            ready,
+            size,
+        } => {
+            let name = stats.snapshot().services.get(service).map_or_else(
+                || "a service".to_string(),
+                |s| format!("service {}", s.name),
+            );
+            format!("{name} has {ready} of {size} workers ready")
+        }
+    };
+    (503, format!("not ready: {why}\n"))
+}
+
+/// A master whose loop has not turned for this long is not live (it turns
+/// at least once a second).
+const LIVE_WITHIN_MS: u64 = 5000;
+
+/// `GET /live`: 200 while the master's loop turns (its heartbeat at
+/// `beat_ms`, coarse clock, is recent), else 503.
+fn live(beat_ms: u64, now_ms: u64) -> (u16, String) {
+    let age = now_ms.saturating_sub(beat_ms);
+    if beat_ms != 0 && age <= LIVE_WITHIN_MS {
+        return (200, "live\n".to_string());
+    }
+    (
+        503,
+        format!("not live: the master has not turned for {}s\n", age / 1000),
+    )
 }
 
 /// The status line, headers and (if `send_body`) the body of an answer.
@@ -329,6 +384,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     }
 }
@@ -684,6 +740,45 @@ mod tests {
         assert_eq!(ok("GET /metrics HTTP/2\r\n\r\n"), Err(400));
         assert_eq!(parse_request(b"GET /", false), Err(400));
         assert_eq!(parse_request(&[b'a'; MAX_HEAD], false), Err(431));
+    }
+
+    #[test]
+    fn live_means_a_recent_heartbeat() {
+        assert_eq!(live(10_000, 10_000).0, 200);
+        assert_eq!(live(10_000, 15_000).0, 200);
+        let (status, body) = live(10_000, 17_400);
+        assert_eq!(status, 503);
+        assert_eq!(body, "not live: the master has not turned for 7s\n");
+        assert_eq!(live(0, 1000).0, 503, "no heartbeat yet");
+    }
+
+    #[test]
+    fn ready_says_why_not() {
+        let mut stats = Stats::new().unwrap();
+        let echo = stats.service("echo").unwrap();
+        stats.set_readiness(Readiness::Ready);
+        assert_eq!(ready(&stats), (200, "ready\n".to_string()));
+        stats.set_readiness(Readiness::Short {
+            service: echo,
+            ready: 0,
+            size: 4,
+        });
+        assert_eq!(
+            ready(&stats),
+            (
+                503,
+                "not ready: service echo has 0 of 4 workers ready\n".to_string()
+            )
+        );
+        stats.set_readiness(Readiness::Delay {
+            until_ms: sys::coarse_ms() + 1500,
+        });
+        let (status, body) = ready(&stats);
+        assert_eq!(status, 503);
+        assert!(
+            body.starts_with("not ready: shutdown delay (stopping in "),
+            "{body}"
+        );
     }
 
     #[test]

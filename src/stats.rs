@@ -138,7 +138,76 @@ const H_GENERATION: usize = 2;
 const H_RELOADS_OK: usize = 3;
 const H_RELOADS_FAILED: usize = 4;
 const H_SERVICES: usize = 5;
+/// The master's heartbeat: [`crate::sys::coarse_ms`] at its last turn.
+const H_BEAT: usize = 6;
+/// [`Readiness`], encoded.
+const H_READY: usize = 7;
 const HEADER: usize = 8;
+
+/// Whether the daemon takes clients now, as `GET /ready` tells a load
+/// balancer (written by the master each turn of its loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every service has a ready worker, and the daemon is not leaving.
+    Ready,
+    /// The first generation is booting.
+    Starting,
+    /// SIGTERM came: the shutdown delay runs.
+    Delay {
+        /// When it ends (coarse clock, ms).
+        until_ms: u64,
+    },
+    /// The graceful or fast stop has begun.
+    Stopping,
+    /// A binary upgrade handed over: this master's workers drain.
+    Retiring,
+    /// A service has too few ready workers.
+    Short {
+        /// Its index in [`Snapshot::services`].
+        service: usize,
+        /// Its ready workers.
+        ready: u64,
+        /// Its pool's size.
+        size: u64,
+    },
+}
+
+impl Readiness {
+    /// One word: the kind in the low 4 bits, its figures above.
+    fn encode(self) -> u64 {
+        match self {
+            Readiness::Ready => 1,
+            Readiness::Starting => 2,
+            Readiness::Delay { until_ms } => 3 | until_ms << 4,
+            Readiness::Stopping => 4,
+            Readiness::Retiring => 5,
+            Readiness::Short {
+                service,
+                ready,
+                size,
+            } => {
+                6 | (service.min(0xffff) as u64) << 4
+                    | ready.min(0xf_ffff) << 20
+                    | size.min(0xf_ffff) << 40
+            }
+        }
+    }
+
+    fn decode(w: u64) -> Readiness {
+        match w & 0xf {
+            1 => Readiness::Ready,
+            3 => Readiness::Delay { until_ms: w >> 4 },
+            4 => Readiness::Stopping,
+            5 => Readiness::Retiring,
+            6 => Readiness::Short {
+                service: ((w >> 4) & 0xffff) as usize,
+                ready: (w >> 20) & 0xf_ffff,
+                size: (w >> 40) & 0xf_ffff,
+            },
+            _ => Readiness::Starting,
+        }
+    }
+}
 
 // Per-service words.
 const S_NAME: usize = 0; // 8 words: up to 64 bytes of name
@@ -362,6 +431,26 @@ impl Stats {
         self.write(|w| w[H_GENERATION].store(generation, Ordering::Relaxed));
     }
 
+    /// The master's loop turned at `now_ms` (coarse clock).
+    pub fn beat(&self, now_ms: u64) {
+        self.words[H_BEAT].store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the master's loop last turned (coarse ms; 0: not yet).
+    pub fn beat_ms(&self) -> u64 {
+        self.words[H_BEAT].load(Ordering::Relaxed)
+    }
+
+    /// Publishes the daemon's readiness.
+    pub fn set_readiness(&self, r: Readiness) {
+        self.words[H_READY].store(r.encode(), Ordering::Relaxed);
+    }
+
+    /// The daemon's readiness as the master last published it.
+    pub fn readiness(&self) -> Readiness {
+        Readiness::decode(self.words[H_READY].load(Ordering::Relaxed))
+    }
+
     /// Counts a reload's outcome.
     pub fn reloaded(&self, ok: bool) {
         let at = if ok { H_RELOADS_OK } else { H_RELOADS_FAILED };
@@ -519,6 +608,35 @@ mod tests {
         assert_eq!(o.folded, 1);
         assert_eq!(o.queue, None);
         assert!(snap.start_ms > 0);
+    }
+
+    #[test]
+    fn readiness_survives_its_encoding() {
+        let stats = Stats::new().unwrap();
+        assert_eq!(
+            stats.readiness(),
+            Readiness::Starting,
+            "before the first turn"
+        );
+        for r in [
+            Readiness::Ready,
+            Readiness::Starting,
+            Readiness::Delay {
+                until_ms: 86_400_000 * 365,
+            },
+            Readiness::Stopping,
+            Readiness::Retiring,
+            Readiness::Short {
+                service: 3,
+                ready: 0,
+                size: 1000,
+            },
+        ] {
+            stats.set_readiness(r);
+            assert_eq!(stats.readiness(), r);
+        }
+        stats.beat(1234);
+        assert_eq!(stats.beat_ms(), 1234);
     }
 
     #[test]

@@ -20,26 +20,6 @@ const CONTROL: &str = "[control]\nsocket = \"{dir}/ctl.sock\"\n\n";
 /// counters (as Prometheus' own parsers name families).
 type Samples = BTreeMap<(String, String), f64>;
 
-/// `METHOD url` over HTTP/1.0: (HTTP status, headers, body).
-fn http(method: &str, url: &str) -> (u16, String, String) {
-    let rest = url.strip_prefix("http://").expect("an http:// URL");
-    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let mut s =
-        connect(hostport.parse().unwrap()).unwrap_or_else(|e| panic!("connect {hostport}: {e}"));
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
-    let reply = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {url}: no header end in {reply:?}"));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {url}: bad status line in {head:?}"));
-    (code, head.to_string(), body.to_string())
-}
-
 /// GET `url`: (HTTP status, body).
 fn get_url(url: &str) -> (u16, String) {
     let (code, _, body) = http("GET", url);
@@ -98,13 +78,6 @@ fn parse(text: &str) -> Samples {
         out.insert((s.metric.clone(), labels.join(",")), value);
     }
     out
-}
-
-/// The address the metrics endpoint bound, from the log.
-fn metrics_url(d: &Daemon) -> String {
-    let line = d.wait_log("metrics: serving http://");
-    let start = line.find("http://").unwrap();
-    line[start..].trim().to_string()
 }
 
 fn scrape(url: &str) -> Samples {

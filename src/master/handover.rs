@@ -152,7 +152,7 @@ impl Master {
 
     /// SIGUSR2 or `upgrade`.
     pub(super) fn request_upgrade(&mut self, client: Option<ClientId>, by: &str) {
-        let why = self.phase.refuses_changes().or_else(|| {
+        let why = self.refuses_changes().or_else(|| {
             self.exec
                 .is_none()
                 .then(|| "this master was started without a binary path to run".to_string())

@@ -63,6 +63,12 @@ impl Master {
         if !matches!(self.phase, Phase::Starting | Phase::Running) || self.metrics.pid.is_some() {
             return;
         }
+        // A new master of a binary upgrade starts its own after the
+        // handover: until then the old master's answers, and `/ready` does
+        // not read "starting" from the one that is not in charge yet.
+        if self.handover.is_some() {
+            return;
+        }
         if self
             .metrics
             .respawn_at

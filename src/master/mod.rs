@@ -57,6 +57,7 @@ use crate::upgrade::{self, Exec, Inherited};
 
 mod handover;
 mod health;
+mod leave;
 mod listeners;
 mod metrics_child;
 mod policy;
@@ -232,6 +233,14 @@ pub struct Master {
     metrics: metrics_child::MetricsChild,
     /// The stuck-worker check (`timeout`).
     health: health::Health,
+    /// SIGTERM came with a `shutdown_delay`: the graceful stop begins then.
+    shutdown_at: Option<Instant>,
+    /// A graceful stop waits for half-open handshakes until then, at most,
+    /// before it seals the listeners and stops the workers (leave.rs).
+    seal_by: Option<Instant>,
+    /// A graceful stop's sealed TCP listeners, until the workers have
+    /// emptied their queues (leave.rs).
+    sealed: Vec<Listener>,
 }
 
 impl Master {
@@ -310,6 +319,9 @@ impl Master {
             stats,
             metrics: metrics_child::MetricsChild::default(),
             health: health::Health::default(),
+            shutdown_at: None,
+            seal_by: None,
+            sealed: Vec::new(),
         })
     }
 
@@ -354,11 +366,15 @@ impl Master {
             self.check_reload();
             self.enforce_deadlines();
             self.check_health();
+            self.check_leaving();
+            self.publish_health();
             if let Some(c) = &mut self.control {
                 c.expire(Instant::now());
             }
             if self.phase.is_leaving() {
                 if self.children.is_empty() {
+                    // Health checks read 503 until here.
+                    self.stop_metrics();
                     return self.finish();
                 }
                 continue;
@@ -511,17 +527,14 @@ impl Master {
         self.begin_stop(true);
     }
 
-    /// SIGTERM: graceful stop.
+    /// SIGTERM: graceful stop, after the shutdown delay.
     fn handle_term(&mut self) {
         match self.phase {
             Phase::Stopping { .. } => log::info!("SIGTERM: already stopping"),
             Phase::Retiring { successor } => {
                 log::info!("SIGTERM: already retiring (master pid {successor} took over)")
             }
-            _ => {
-                log::info!("SIGTERM: graceful stop");
-                self.begin_stop(false);
-            }
+            _ => self.stop_gracefully("SIGTERM"),
         }
     }
 
@@ -571,6 +584,7 @@ impl Master {
         // Stopping before the reload is aborted: a reload that ends in a
         // stop does not tell the service manager READY=1.
         self.phase = Phase::Stopping { fast };
+        self.shutdown_at = None;
         let status = match &self.boot_failure {
             Some(e) => systemd::status_text(&format!("stopping: {e}")),
             None if fast => "stopping (fast)".to_string(),
@@ -593,6 +607,16 @@ impl Master {
             .flatten()
         {
             self.reply_all(waiters, &control::error("the master is stopping"));
+        }
+        if !fast {
+            // Nothing queued is lost: the workers are told to stop once no
+            // new client can join the queues (leave.rs).
+            self.refuse_new_clients();
+            return;
+        }
+        self.seal_by = None;
+        for l in self.sealed.drain(..) {
+            l.stop_accepting();
         }
         self.stop_generation(None, sig);
         self.stop_metrics();
@@ -686,8 +710,7 @@ impl Master {
             Request::Stop => {
                 self.stop_waiters.push(client);
                 if !self.phase.is_leaving() {
-                    log::info!("control: graceful stop");
-                    self.begin_stop(false);
+                    self.stop_gracefully("control");
                 }
             }
             Request::Scale { service, workers } => {

@@ -58,7 +58,7 @@ impl Master {
     /// SIGHUP or `reload`: one reload runs at a time; requests made
     /// meanwhile collapse into one more.
     pub(super) fn request_reload(&mut self, client: Option<ClientId>, by: &str) {
-        if let Some(why) = self.phase.refuses_changes() {
+        if let Some(why) = self.refuses_changes() {
             log::warn!("{by}: reload refused: {why}");
             if let Some(c) = client {
                 self.reply(c, &control::error(&format!("reload refused: {why}")));

@@ -59,6 +59,9 @@ impl Master {
     /// last reload ok (generation 3)`. `reloading`: the generation a reload
     /// is starting.
     pub(super) fn status_line(&self, reloading: Option<u64>) -> String {
+        if let Some(leaving) = self.leaving_status() {
+            return systemd::status_text(&leaving);
+        }
         let mut parts = vec![format!("generation {}", self.generation)];
         for p in &self.pools {
             let ready = p
@@ -149,6 +152,7 @@ impl Master {
             .collect();
         let phase = match &self.phase {
             Phase::Starting => "starting".to_string(),
+            Phase::Running if self.shutdown_at.is_some() => "shutdown delay".to_string(),
             Phase::Running => "running".to_string(),
             Phase::Stopping { fast: false } => "stopping".to_string(),
             Phase::Stopping { fast: true } => "stopping (fast)".to_string(),

@@ -139,6 +139,7 @@ impl Master {
             .chain(self.watchdog_at)
             .chain(self.policy_deadlines())
             .chain(self.health_deadlines())
+            .chain(self.leaving_deadlines())
             .min()
     }
 }

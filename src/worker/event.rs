@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use super::gate::{Capacity, Gate, Handoff};
+use super::gate::{Capacity, Gate, Gated, Handoff};
 use super::{LINGER, Refusals, datagram_peer, identify, is_client_gone};
 use crate::acl;
 use crate::config::ServiceConfig;
@@ -179,11 +179,12 @@ struct Ctx {
 }
 
 /// The loop: the heartbeat, the datagram sockets, a task per handed-over
-/// connection until the gate stops, then the stop and the wait for the
+/// connection until the gate stops (the stop is set when the gate says so,
+/// before it hands over what was still queued), then the wait for the
 /// connections to finish.
 async fn run(
     ctx: Rc<Ctx>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Gated>,
     datagrams: Vec<(WorkerSocket, Addr)>,
 ) {
     tokio::task::spawn_local(heartbeat(ctx.board, ctx.capacity.clone(), ctx.beat));
@@ -194,9 +195,14 @@ async fn run(
             Err(e) => log::error!("worker {}: cannot watch a datagram socket: {e}", ctx.name),
         }
     }
-    while let Some(handoff) = rx.recv().await {
-        let ended = Ended::new(&ctx, true);
-        tokio::task::spawn_local(connection(ended, handoff));
+    while let Some(gated) = rx.recv().await {
+        match gated {
+            Gated::Conn(handoff) => {
+                let ended = Ended::new(&ctx, true);
+                tokio::task::spawn_local(connection(ended, handoff));
+            }
+            Gated::Stopping => ctx.shared.stop.set(),
+        }
     }
     ctx.shared.stop.set();
     std::future::poll_fn(|cx| {

@@ -51,7 +51,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::handler::{Addr, Stream};
-use crate::listener::WorkerSocket;
+use crate::listener::{self, WorkerSocket};
 use crate::scoreboard::Slot;
 use crate::sys;
 
@@ -62,6 +62,17 @@ pub(super) struct Handoff {
     pub peer: Addr,
     /// Index of its listener in the worker's socket list.
     pub listener: usize,
+}
+
+/// What the gate sends the loop.
+pub(super) enum Gated {
+    /// A connection to serve.
+    Conn(Handoff),
+    /// The worker stops: connections close at their next request
+    /// boundary. Sent before the gate hands over what is still queued, so
+    /// that a connection holding the worker's last room at the stop frees
+    /// it for them.
+    Stopping,
 }
 
 /// What the gate and the loop share.
@@ -152,7 +163,7 @@ pub(super) struct Gate {
     pub name: String,
     /// The stream listeners, with their index in the worker's list.
     pub listeners: Vec<(usize, WorkerSocket)>,
-    pub tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+    pub tx: tokio::sync::mpsc::UnboundedSender<Gated>,
     pub capacity: Arc<Capacity>,
     pub board: Option<Slot>,
 }
@@ -238,15 +249,62 @@ impl Gate {
         if registered {
             self.register(&ep, false)?;
         }
+        if self.tx.send(Gated::Stopping).is_err() {
+            return Ok(()); // the loop is gone
+        }
         for k in 0..self.listeners.len() {
-            if !readable_now(self.listeners[k].1.as_fd()) {
-                continue;
-            }
-            if !self.take(k, STOP_PICKUP)? {
+            // A daemon stop sealed it: every queued connection is ours.
+            let more = if listener::is_sealed(&self.listeners[k].1) {
+                self.drain(k)?
+            } else if readable_now(self.listeners[k].1.as_fd()) {
+                self.take(k, STOP_PICKUP)?
+            } else {
+                true
+            };
+            if !more {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Hands over every connection queued on sealed listener `k` (its
+    /// queue empties for good, see [`listener::is_sealed`]), waiting for
+    /// room when the worker is full; false once the loop is gone.
+    fn drain(&self, k: usize) -> io::Result<bool> {
+        let (index, listener) = &self.listeners[k];
+        loop {
+            if self.capacity.is_full() {
+                self.pause_if_full();
+                let mut fds = [nix::poll::PollFd::new(
+                    self.capacity.resume.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                let _ = self.capacity.resume.read();
+                continue;
+            }
+            match accept(listener) {
+                Ok((stream, peer)) => {
+                    self.capacity.open.fetch_add(1, Ordering::SeqCst);
+                    let handoff = Handoff {
+                        stream,
+                        peer,
+                        listener: *index,
+                    };
+                    if self.tx.send(Gated::Conn(handoff)).is_err() {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(true),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {}
+                Err(e) => {
+                    super::note_accept_failure(&self.name, &e);
+                    return Ok(true);
+                }
+            }
+        }
     }
 
     /// Whether this worker serves enough more connections than its least
@@ -304,7 +362,7 @@ impl Gate {
                         peer,
                         listener: *index,
                     };
-                    if self.tx.send(handoff).is_err() {
+                    if self.tx.send(Gated::Conn(handoff)).is_err() {
                         return Ok(false);
                     }
                 }

@@ -27,7 +27,7 @@ use crate::handler::{
     Addr, Connection, Datagram, DatagramHandler, Handlers, PluginContext, PluginInfo, Stream,
     StreamHandler,
 };
-use crate::listener::WorkerSocket;
+use crate::listener::{self, WorkerSocket};
 use crate::scoreboard::{IpCounter, Peer, Slot, State};
 use crate::sys;
 
@@ -490,7 +490,27 @@ impl Worker<'_> {
             }
         }
         if registered {
-            self.take_signalled(&ep, &open, &mut buf, &mut reply, thread)?;
+            for (i, (s, _)) in self.sockets.iter().enumerate() {
+                if open[i] {
+                    ep.delete(s.as_fd())?;
+                }
+            }
+        }
+        // A daemon stop sealed the stream listeners: what is queued is ours
+        // to serve, every connection of it (idle or busy at the stop, every
+        // thread takes its share).
+        let mut sealed = vec![false; self.sockets.len()];
+        for (i, (socket, local)) in self.sockets.iter().enumerate() {
+            if open[i] && listener::is_sealed(socket) {
+                sealed[i] = true;
+                while let Some((stream, peer)) = accept_queued(self.name, socket) {
+                    self.serve_stream(stream, peer, local.clone(), thread);
+                }
+            }
+        }
+        if registered {
+            let open: Vec<bool> = (0..open.len()).map(|i| open[i] && !sealed[i]).collect();
+            self.take_signalled(&open, &mut buf, &mut reply, thread);
         }
         Ok(())
     }
@@ -502,19 +522,7 @@ impl Worker<'_> {
     /// out of the wait queues, this thread serves what is pending right
     /// now (at most [`STOP_PICKUP`] per listener; a connection gets one
     /// request answered, see [`Connection::recv`]).
-    fn take_signalled(
-        &self,
-        ep: &Epoll,
-        open: &[bool],
-        buf: &mut [u8],
-        reply: &mut Vec<u8>,
-        thread: usize,
-    ) -> io::Result<()> {
-        for (i, (s, _)) in self.sockets.iter().enumerate() {
-            if open[i] {
-                ep.delete(s.as_fd())?;
-            }
-        }
+    fn take_signalled(&self, open: &[bool], buf: &mut [u8], reply: &mut Vec<u8>, thread: usize) {
         for (i, (socket, local)) in self.sockets.iter().enumerate() {
             for _ in 0..STOP_PICKUP {
                 if !open[i] || !readable_now(socket) {
@@ -533,7 +541,6 @@ impl Worker<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Counts one request; asks the worker to stop when the budget is spent.
@@ -825,6 +832,25 @@ fn accept(socket: &WorkerSocket) -> io::Result<(Stream, Addr)> {
             Ok((s, Addr::from_unix(peer)))
         }
         _ => unreachable!("datagram sockets are not accepted"),
+    }
+}
+
+/// The next connection queued on a sealed stream listener, None once the
+/// queue is empty (for good: nothing joins a sealed queue; a Unix listener
+/// shut down for reading says EINVAL then). A failure that is not the
+/// client's is logged and ends this thread's share of the drain.
+pub(crate) fn accept_queued(name: &str, socket: &WorkerSocket) -> Option<(Stream, Addr)> {
+    loop {
+        match accept(socket) {
+            Ok(conn) => return Some(conn),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_listener_gone(&e) => return None,
+            // The client gave up while queued: the next one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {}
+            Err(e) => {
+                note_accept_failure(name, &e);
+                return None;
+            }
+        }
     }
 }
 

@@ -749,3 +749,30 @@ pub fn udp_ask(to: SocketAddr, from: &str, payload: &[u8]) -> Vec<u8> {
     })
     .unwrap_or_else(|| panic!("no answer from udp://{to}"))
 }
+
+/// `METHOD url` over HTTP/1.0: (HTTP status, headers, body).
+pub fn http(method: &str, url: &str) -> (u16, String, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut s =
+        connect(hostport.parse().unwrap()).unwrap_or_else(|e| panic!("connect {hostport}: {e}"));
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    let reply = String::from_utf8(read_to_eof(&mut s).unwrap()).unwrap();
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {url}: no header end in {reply:?}"));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {url}: bad status line in {head:?}"));
+    (code, head.to_string(), body.to_string())
+}
+
+/// The address the metrics endpoint bound, from the log.
+pub fn metrics_url(d: &Daemon) -> String {
+    let line = d.wait_log("metrics: serving http://");
+    let start = line.find("http://").unwrap();
+    line[start..].trim().to_string()
+}
