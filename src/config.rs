@@ -26,7 +26,8 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::acl::Acl;
+use crate::acl::{self, Acl};
+use crate::proxy::{self, Proxy};
 
 /// The embedded default configuration (`config/default.toml`): echo on
 /// `tcp://127.0.0.1:8009` with two workers.
@@ -659,6 +660,16 @@ pub struct ServiceConfig {
     /// workers (0, the default: no limit).
     #[serde(default)]
     pub max_connections_per_ip: u32,
+    /// Each stream connection starts with a PROXY protocol header of this
+    /// version (see [`crate::proxy`]); None, the default: no header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<Spanned<proxy::Version>>,
+    /// The peers that may send that header (addresses or ranges).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_from: Vec<Spanned<String>>,
+    /// Both, compiled (filled in by validation).
+    #[serde(skip)]
+    pub proxy: Option<Proxy>,
     /// listen(2) backlog of stream sockets.
     #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
     pub backlog: i32,
@@ -724,6 +735,65 @@ impl ServiceConfig {
 
     /// Checks `mode` against `threads` and `worker_connections`, and
     /// fills in `worker_connections`.
+    /// `proxy_protocol` and `proxy_from`, compiled: both or neither, and
+    /// only on stream listeners.
+    fn validate_proxy(&self) -> Result<Option<Proxy>, (std::ops::Range<usize>, String)> {
+        let name = self.name.get_ref().as_str();
+        let Some(version) = &self.proxy_protocol else {
+            return match self.proxy_from.first() {
+                Some(f) => Err((
+                    f.span(),
+                    format!(
+                        "service {name:?}: proxy_from without proxy_protocol: add proxy_protocol = \"v2\" (or \"v1\", \"any\"), or remove proxy_from"
+                    ),
+                )),
+                None => Ok(None),
+            };
+        };
+        if let Some((i, a)) = self
+            .addrs
+            .iter()
+            .enumerate()
+            .find(|(_, a)| !a.is_stream() && a.systemd_name().is_none())
+        {
+            return Err((
+                self.listen.get_ref()[i].span(),
+                format!(
+                    "service {name:?}: proxy_protocol is for stream listeners, and {a} is a datagram socket: give it a service of its own"
+                ),
+            ));
+        }
+        let from = self
+            .proxy_from
+            .iter()
+            .map(|f| {
+                let s = f.get_ref().as_str();
+                match s.parse::<acl::Rule>() {
+                    Ok(acl::Rule::Net(net)) => Ok(net),
+                    Ok(_) => Err(format!("{s:?} is not an IP address or range")),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| (f.span(), format!("service {name:?}: proxy_from: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inet = self
+            .addrs
+            .iter()
+            .any(|a| matches!(a, ListenAddr::Tcp(_)) || a.systemd_name().is_some());
+        if from.is_empty() && inet {
+            return Err((
+                version.span(),
+                format!(
+                    "service {name:?}: proxy_protocol needs proxy_from, the addresses of the load balancers that send the header, e.g. proxy_from = [\"10.0.0.0/8\"]"
+                ),
+            ));
+        }
+        Ok(Some(Proxy {
+            version: *version.get_ref(),
+            from,
+        }))
+    }
+
     fn validate_mode(&mut self) -> Result<(), (std::ops::Range<usize>, String)> {
         let name = self.name.get_ref().as_str();
         let threads_written = self.threads_written.span() != (0..0);
@@ -1487,6 +1557,7 @@ impl Config {
                     ),
                 )
             })?;
+            svc.proxy = svc.validate_proxy()?;
         }
         self.daemon.credentials = self.daemon.resolve()?;
         if self.services.is_empty() {
@@ -1866,6 +1937,64 @@ plugin = "echo"
             "[[service]]\nname = \"a\"\nlisten = [\"{long}\"]\n[service.handler]\nplugin = \"echo\"\n"
         ));
         assert!(e.contains("at most 107 bytes"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_needs_its_balancers_and_a_stream_listener() {
+        let svc = |listen: &str, extra: &str| {
+            format!(
+                "[[service]]\nname = \"a\"\nlisten = [{listen}]\n{extra}\n[service.handler]\nplugin = \"echo\"\n"
+            )
+        };
+        let tcp = "\"tcp://127.0.0.1:1\"";
+        let c = parse(&svc(
+            tcp,
+            "proxy_protocol = \"v2\"\nproxy_from = [\"10.0.0.0/24\", \"192.0.2.1\"]",
+        ))
+        .unwrap();
+        let p = c.services[0].proxy.as_ref().unwrap();
+        assert_eq!(p.version, proxy::Version::V2);
+        assert_eq!(p.from.len(), 2);
+        assert!(parse(&svc(tcp, "")).unwrap().services[0].proxy.is_none());
+        // A Unix listener alone: its peers are trusted.
+        let c = parse(&svc("\"unix:/tmp/a.sock\"", "proxy_protocol = \"any\"")).unwrap();
+        assert!(c.services[0].proxy.as_ref().unwrap().from.is_empty());
+
+        let e = err(&svc(tcp, "proxy_protocol = \"v2\""));
+        assert!(
+            e.starts_with("t.toml:4:18: service \"a\": proxy_protocol needs proxy_from"),
+            "{e}"
+        );
+        let e = err(&svc(tcp, "proxy_from = [\"10.0.0.1\"]"));
+        assert!(
+            e.starts_with("t.toml:4:15: service \"a\": proxy_from without proxy_protocol"),
+            "{e}"
+        );
+        let e = err(&svc(
+            tcp,
+            "proxy_protocol = \"v1\"\nproxy_from = [\"10.0.0.300\"]",
+        ));
+        assert!(
+            e.starts_with("t.toml:5:15: service \"a\": proxy_from: invalid address \"10.0.0.300\""),
+            "{e}"
+        );
+        let e = err(&svc(
+            tcp,
+            "proxy_protocol = \"v1\"\nproxy_from = [\"uid:0\"]",
+        ));
+        assert!(e.contains("\"uid:0\" is not an IP address or range"), "{e}");
+        let e = err(&svc(
+            "\"tcp://127.0.0.1:1\", \"udp://127.0.0.1:1\"",
+            "proxy_protocol = \"v2\"\nproxy_from = [\"10.0.0.1\"]",
+        ));
+        assert!(
+            e.contains(
+                "proxy_protocol is for stream listeners, and udp://127.0.0.1:1 is a datagram socket"
+            ),
+            "{e}"
+        );
+        let e = err(&svc(tcp, "proxy_protocol = \"v3\""));
+        assert!(e.starts_with("t.toml:4:18:"), "{e}");
     }
 
     #[test]

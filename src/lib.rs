@@ -31,6 +31,8 @@
 //!   `mode = "async"`, an event loop (`worker/event.rs`) fed by an accept
 //!   thread (`worker/gate.rs`).
 //! - [`acl`]: a service's `allow` and `deny` lists.
+//! - [`proxy`]: the PROXY protocol: `proxy_from`, and reading exactly a
+//!   header's bytes; a leaf beside [`acl`].
 //! - [`handler`]: the plugin API (handler traits, `Handlers`, `PluginInfo`,
 //!   `PluginContext`, the `Registry`) and the built-in plugins (echo,
 //!   discard, daytime, chargen, exec, dylib); `handler/connection.rs` is the
@@ -89,6 +91,7 @@ pub mod listener;
 pub mod log;
 pub mod master;
 pub mod metrics;
+pub mod proxy;
 pub mod resolve;
 pub mod scoreboard;
 pub mod signals;

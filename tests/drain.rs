@@ -255,12 +255,15 @@ fn connect_loop_through_a_stop(mode: &str, delay: bool) {
                 while !done.load(Ordering::SeqCst) {
                     let msg = format!("client {i} exchange {n}");
                     n += 1;
-                    let t = if stopped.load(Ordering::SeqCst) {
-                        &mut after
+                    // Counted as before the stop only if it ended before
+                    // the test set `stopped` (just before SIGTERM).
+                    let mut t = Tally::default();
+                    exchange(&*connect, msg.as_bytes(), &mut t);
+                    if stopped.load(Ordering::SeqCst) {
+                        after.add(&t);
                     } else {
-                        &mut before
-                    };
-                    exchange(&*connect, msg.as_bytes(), t);
+                        before.add(&t);
+                    }
                     if !stopped.load(Ordering::SeqCst) {
                         served_before.store(before.served, Ordering::Relaxed);
                     }

@@ -32,6 +32,14 @@ pub enum Addr {
 }
 
 impl Addr {
+    /// The IP address, for an IPv4 or IPv6 one.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Addr::Inet(a) => Some(a.ip()),
+            Addr::Unix(_) => None,
+        }
+    }
+
     pub(crate) fn from_unix(a: std::os::unix::net::SocketAddr) -> Addr {
         Addr::Unix(a.as_pathname().map(Into::into))
     }
@@ -172,6 +180,9 @@ pub struct Connection<'a> {
     idle_ticks: u32,
     /// The client sent nothing for `idle_timeout` while the handler waited.
     idle_expired: bool,
+    /// The socket's own peer, when a PROXY protocol header named the
+    /// client.
+    proxy: Option<Addr>,
 }
 
 impl<'a> Connection<'a> {
@@ -189,7 +200,13 @@ impl<'a> Connection<'a> {
             bytes_out: 0,
             idle_ticks: 0,
             idle_expired: false,
+            proxy: None,
         }
+    }
+
+    /// The proxy that sent the connection's PROXY protocol header.
+    pub(crate) fn set_proxy_addr(&mut self, proxy: Option<Addr>) {
+        self.proxy = proxy;
     }
 
     /// Closes the connection when a read waits `timeout` (rounded up to
@@ -276,14 +293,23 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// The client's address.
+    /// The client's address: with `proxy_protocol`, the one its proxy's
+    /// header gave.
     pub fn peer_addr(&self) -> &Addr {
         &self.peer
     }
 
-    /// The address the client connected to.
+    /// The address the client connected to: with `proxy_protocol`, the
+    /// header's destination (the load balancer's front).
     pub fn local_addr(&self) -> &Addr {
         &self.local
+    }
+
+    /// With `proxy_protocol`, the address of the proxy that sent the
+    /// header (the socket's own peer); None without a header, or when it
+    /// kept the socket's addresses (a balancer's `LOCAL` health check).
+    pub fn proxy_addr(&self) -> Option<&Addr> {
+        self.proxy.as_ref()
     }
 
     /// The service this connection belongs to.

@@ -247,9 +247,19 @@ pub struct AsyncConnection {
     bytes_in: u64,
     bytes_out: u64,
     idle_expired: bool,
+    /// With a PROXY protocol header: (its destination, the socket's own
+    /// peer). Boxed: most connections have none, and an idle one costs
+    /// what this struct weighs.
+    proxied: Option<Box<(Addr, Addr)>>,
 }
 
 impl AsyncConnection {
+    /// A PROXY protocol header's destination and the proxy that sent it
+    /// (the peer is already the header's client).
+    pub(crate) fn set_proxied(&mut self, local: Addr, proxy: Addr) {
+        self.proxied = Some(Box::new((local, proxy)));
+    }
+
     pub(crate) fn new(stream: AsyncStream, peer: Addr, local: u32, shared: Rc<Shared>) -> Self {
         AsyncConnection {
             stream,
@@ -263,17 +273,30 @@ impl AsyncConnection {
             bytes_in: 0,
             bytes_out: 0,
             idle_expired: false,
+            proxied: None,
         }
     }
 
-    /// The client's address.
+    /// The client's address: with `proxy_protocol`, the one its proxy's
+    /// header gave.
     pub fn peer_addr(&self) -> &Addr {
         &self.peer
     }
 
-    /// The address the client connected to.
+    /// With `proxy_protocol`, the address of the proxy that sent the
+    /// header (the socket's own peer); None without a header, or when it
+    /// kept the socket's addresses (a balancer's `LOCAL` health check).
+    pub fn proxy_addr(&self) -> Option<&Addr> {
+        self.proxied.as_ref().map(|p| &p.1)
+    }
+
+    /// The address the client connected to: with `proxy_protocol`, the
+    /// header's destination (the load balancer's front).
     pub fn local_addr(&self) -> &Addr {
         static UNKNOWN: Addr = Addr::Unix(None);
+        if let Some(p) = &self.proxied {
+            return &p.0;
+        }
         self.shared
             .locals
             .get(self.local as usize)

@@ -131,6 +131,7 @@ pub(crate) fn serve(spec: Loop<'_>) -> bool {
         board: spec.board,
         acl: svc.acl.clone(),
         per_ip: svc.max_connections_per_ip,
+        proxy: svc.proxy.clone(),
         ip,
         capacity,
         refusals: Refusals::default(),
@@ -166,6 +167,8 @@ struct Ctx {
     board: Option<Slot>,
     acl: acl::Acl,
     per_ip: u32,
+    /// `proxy_protocol` and `proxy_from`, if the service takes headers.
+    proxy: Option<crate::proxy::Proxy>,
     /// This worker's per-address counts (with `max_connections_per_ip`).
     ip: Option<IpCounter>,
     capacity: Arc<Capacity>,
@@ -278,10 +281,35 @@ impl Drop for Ended {
 /// One connection: the access rules, the handler, the clean close. What
 /// lives across the handler's wait is kept small (the setup is a plain
 /// function, the close boxed): it is what an idle connection costs.
-async fn connection(mut ended: Ended, handoff: Handoff) {
+async fn connection(mut ended: Ended, mut handoff: Handoff) {
+    // The PROXY header first: from then on its client is the peer.
+    let mut proxied = None;
+    if let Some(p) = &ended.ctx.proxy {
+        let ctx = &ended.ctx;
+        let read = match p.trusts(handoff.peer.ip()) {
+            // Boxed: only connections of such services carry it.
+            Ok(()) => Box::pin(p.read_async(handoff.stream.as_fd())).await,
+            Err(cut) => Err(cut),
+        };
+        match read {
+            Ok(Some(h)) => {
+                let (client, front) = super::proxied_addrs(h);
+                proxied = Some((front, std::mem::replace(&mut handoff.peer, client)));
+            }
+            Ok(None) => {}
+            Err(cut) => {
+                ctx.refusals
+                    .refuse(&ctx.name, ctx.board, &handoff.peer, &cut);
+                return;
+            }
+        }
+    }
     let Some((mut conn, handler, running, seq)) = admit(&mut ended, handoff) else {
         return;
     };
+    if let Some((local, proxy)) = proxied {
+        conn.set_proxied(local, proxy);
+    }
     let outcome = Guarded {
         future: handler.handle_boxed(&mut conn),
         board: &ended.ctx.board,

@@ -28,6 +28,7 @@ use crate::handler::{
     StreamHandler,
 };
 use crate::listener::{self, WorkerSocket};
+use crate::proxy::Proxy;
 use crate::scoreboard::{IpCounter, Peer, Slot, State};
 use crate::sys;
 
@@ -210,6 +211,7 @@ pub(crate) fn run(spec: WorkerSpec<'_>) -> i32 {
         failed: AtomicBool::new(false),
         acl: &spec.service.acl,
         per_ip: spec.service.max_connections_per_ip,
+        proxy: spec.service.proxy.as_ref(),
         ip: (spec.service.max_connections_per_ip > 0)
             .then(|| spec.board.and_then(|b| b.ip_counter()))
             .flatten(),
@@ -367,6 +369,8 @@ struct Worker<'a> {
     acl: &'a Acl,
     /// `max_connections_per_ip` (0: no limit).
     per_ip: u32,
+    /// `proxy_protocol` and `proxy_from`, if the service takes headers.
+    proxy: Option<&'a Proxy>,
     /// This worker's per-address counts (with `max_connections_per_ip`).
     ip: Option<IpCounter>,
     /// `idle_timeout` (zero: none).
@@ -564,6 +568,24 @@ impl Worker<'_> {
     /// closes.
     fn serve_stream(&self, stream: Stream, peer: Addr, local: Addr, thread: usize) {
         let Some(handler) = &self.stream else { return };
+        // The PROXY header first: from then on its client is the peer.
+        let (peer, local, proxy) = match self.proxy {
+            None => (peer, local, None),
+            Some(p) => match p
+                .trusts(peer.ip())
+                .and_then(|()| p.read_blocking(stream.as_fd()))
+            {
+                Ok(Some(h)) => {
+                    let (client, front) = proxied_addrs(h);
+                    (client, front, Some(peer))
+                }
+                Ok(None) => (peer, local, None),
+                Err(cut) => {
+                    self.refusals.refuse(self.name, self.board, &peer, &cut);
+                    return;
+                }
+            },
+        };
         let (who, seen) = identify(self.acl, self.name, stream.as_fd(), &peer);
         if let Err(why) = self.acl.check(&who) {
             self.refusals.refuse(self.name, self.board, &peer, &why);
@@ -601,6 +623,7 @@ impl Worker<'_> {
         }
         let peer_text = peer.to_string();
         let mut conn = Connection::new(stream, peer, local, self.service);
+        conn.set_proxy_addr(proxy);
         conn.set_idle_timeout(self.idle_timeout);
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&mut conn))) {
             Ok(Ok(())) => {}
@@ -832,6 +855,15 @@ fn accept(socket: &WorkerSocket) -> io::Result<(Stream, Addr)> {
             Ok((s, Addr::from_unix(peer)))
         }
         _ => unreachable!("datagram sockets are not accepted"),
+    }
+}
+
+/// A PROXY protocol header's client and front, as the handler's
+/// addresses.
+pub(crate) fn proxied_addrs(h: crate::proxy::Proxied) -> (Addr, Addr) {
+    match h {
+        crate::proxy::Proxied::Inet { peer, local } => (Addr::Inet(peer), Addr::Inet(local)),
+        crate::proxy::Proxied::Unix { peer, local } => (Addr::Unix(peer), Addr::Unix(local)),
     }
 }
 
