@@ -39,7 +39,7 @@ use netns::{Mode, Net};
 /// HAProxy sends a PROXY protocol v2 header (`send-proxy-v2`) and the
 /// hosts' services expect it (`proxy_protocol = "v2"`, `proxy_from` the
 /// balancer). `PREFORKD_FLEET_PROXY=0` or `=1` overrides it.
-const PROXY_V2: bool = false;
+const PROXY_V2: bool = true;
 
 fn proxy_v2() -> bool {
     match std::env::var("PREFORKD_FLEET_PROXY").as_deref() {
