@@ -129,6 +129,12 @@ struct Conn {
     backlog_full_since: Option<Instant>,
     /// Holds a place in the connect window.
     in_window: bool,
+    /// An event said the server has closed its side (EPOLLRDHUP). With
+    /// edge-triggered epoll the FIN may have come in the same edge as the
+    /// last answer, which was read to its end and no further: the next
+    /// request then looks for it at once instead of waiting for an edge
+    /// that will not come.
+    read_closed: bool,
 }
 
 impl Conn {
@@ -148,6 +154,7 @@ impl Conn {
             attempts: 0,
             backlog_full_since: None,
             in_window: false,
+            read_closed: false,
         }
     }
 
@@ -377,6 +384,7 @@ impl Loop {
         let c = &mut self.conns[i];
         c.state = State::Sending;
         c.reused = false;
+        c.read_closed = false;
         if mode != Mode::Connect {
             c.start_request(now);
             self.conns[i].deadline = self.cut(now + timeout);
@@ -395,7 +403,11 @@ impl Loop {
                     return;
                 }
             }
-            Some(_) => {}
+            Some(_) => {
+                if ev.is_read_closed() {
+                    self.conns[i].read_closed = true;
+                }
+            }
             None => return,
         }
         self.drive(i);
@@ -431,9 +443,14 @@ impl Loop {
                     return Step::Again;
                 }
                 // The echo's arrival is a new edge: no read until then
-                // (one system call fewer per request).
+                // (one system call fewer per request), unless the server
+                // has closed already (its FIN's edge has passed).
                 c.state = State::Receiving;
-                Step::Wait
+                if c.read_closed {
+                    Step::Again
+                } else {
+                    Step::Wait
+                }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => Step::Wait,
             Err(e) if e.kind() == ErrorKind::Interrupted => Step::Again,
