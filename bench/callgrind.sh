@@ -5,6 +5,7 @@
 # wall-clock figures of bench/ab.py do not, within a few percent).
 #
 #   bench/callgrind.sh BINARY [BINARY ...]
+#   MODE=async bench/callgrind.sh BINARY    # an async worker instead
 #
 # For each binary: one worker with one thread serving echo on a free
 # loopback port, under callgrind; a client makes N1, then (another run) N2
@@ -14,6 +15,11 @@
 set -euo pipefail
 n1=${N1:-2000}
 n2=${N2:-12000}
+case ${MODE:-threads} in
+threads) pool='threads = 1' ;;
+async) pool='mode = "async"' ;;
+*) echo "callgrind.sh: MODE is threads or async" >&2; exit 1 ;;
+esac
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 
 client='
@@ -39,7 +45,9 @@ s.close()
 
 # Runs BINARY for N requests; prints the worker's instruction count.
 count() {
-    local bin=$1 n=$2 dir port pid
+    local bin n=$2 dir port pid
+    # Absolute: valgrind starts it from the run's directory.
+    bin=$(realpath "$1")
     dir=$(mktemp -d)
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     cat >"$dir/bench.toml" <<EOF
@@ -49,7 +57,7 @@ level = "warn"
 name = "echo"
 listen = ["tcp://127.0.0.1:$port"]
 workers = 1
-threads = 1
+$pool
 [service.handler]
 plugin = "echo"
 EOF
