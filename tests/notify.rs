@@ -427,3 +427,33 @@ fn an_abstract_notify_socket_works() {
         ("READY STATUS", d.pid())
     );
 }
+
+/// SIGTERM with a shutdown delay: `STATUS=` says so (and counts down),
+/// then the stop is announced as usual.
+#[test]
+fn the_shutdown_delay_is_announced() {
+    let n = Notify::new();
+    let text = format!(
+        "[daemon]\nshutdown_delay = \"2s\"\n\n{}",
+        service("echo", &["tcp://127.0.0.1:0"], "echo", "workers = 1")
+    );
+    let mut d = Daemon::start_bin(&bin(), &text, &[("NOTIFY_SOCKET", n.path.as_str())]);
+    assert_eq!(n.next(&d).kinds(), "READY STATUS");
+    d.signal(libc::SIGTERM);
+    let delay = n.next(&d);
+    assert_eq!(
+        (delay.kinds().as_str(), delay.get("STATUS")),
+        ("STATUS", Some("shutdown delay: not ready, stopping in 2s")),
+        "{delay:?}"
+    );
+    // Then the stop, after the delay.
+    let stopping = std::iter::from_fn(|| Some(n.next(&d)))
+        .find(|m| m.get("STOPPING").is_some())
+        .unwrap();
+    assert_eq!(
+        stopping.get("STATUS"),
+        Some("stopping (graceful)"),
+        "{stopping:?}"
+    );
+    assert_eq!(d.wait_exit(DEADLINE).code(), Some(0), "{}", d.log_text());
+}
