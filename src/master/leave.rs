@@ -221,12 +221,7 @@ impl Master {
         // Every service can serve: a ready worker at least (an ondemand
         // pool with none watches its listeners and starts one).
         for p in &self.pools {
-            let ready = p
-                .slots
-                .iter()
-                .filter_map(|s| s.pid)
-                .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
-                .count();
+            let ready = self.ready_workers(p);
             let size = p.size();
             if ready == 0 && size > 0 {
                 return Readiness::Short {

@@ -55,6 +55,15 @@ impl Master {
         self.watchdog_at = Some(now + every);
     }
 
+    /// How many of the pool's workers are ready.
+    pub(super) fn ready_workers(&self, p: &super::pool::Pool) -> usize {
+        p.slots
+            .iter()
+            .filter_map(|s| s.pid)
+            .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
+            .count()
+    }
+
     /// The one-line state for `STATUS=`: `generation 3; echo 4/4 workers;
     /// last reload ok (generation 3)`. `reloading`: the generation a reload
     /// is starting.
@@ -64,12 +73,7 @@ impl Master {
         }
         let mut parts = vec![format!("generation {}", self.generation)];
         for p in &self.pools {
-            let ready = p
-                .slots
-                .iter()
-                .filter_map(|s| s.pid)
-                .filter(|pid| self.children.get(pid).is_some_and(|c| c.ready))
-                .count();
+            let ready = self.ready_workers(p);
             parts.push(format!("{} {ready}/{} workers", p.name(), p.size()));
         }
         parts.extend(reload_part(reloading, self.last_reload.as_ref()));

@@ -286,13 +286,7 @@ impl Gate {
             }
             match accept(listener) {
                 Ok((stream, peer)) => {
-                    self.capacity.open.fetch_add(1, Ordering::SeqCst);
-                    let handoff = Handoff {
-                        stream,
-                        peer,
-                        listener: *index,
-                    };
-                    if self.tx.send(Gated::Conn(handoff)).is_err() {
+                    if !self.hand_over(*index, stream, peer) {
                         return Ok(false);
                     }
                 }
@@ -305,6 +299,18 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// Counts an accepted connection against the worker's room and hands
+    /// it to the loop; false once the loop is gone.
+    fn hand_over(&self, listener: usize, stream: Stream, peer: Addr) -> bool {
+        self.capacity.open.fetch_add(1, Ordering::SeqCst);
+        let handoff = Handoff {
+            stream,
+            peer,
+            listener,
+        };
+        self.tx.send(Gated::Conn(handoff)).is_ok()
     }
 
     /// Whether this worker serves enough more connections than its least
@@ -356,13 +362,7 @@ impl Gate {
             }
             match accept(listener) {
                 Ok((stream, peer)) => {
-                    self.capacity.open.fetch_add(1, Ordering::SeqCst);
-                    let handoff = Handoff {
-                        stream,
-                        peer,
-                        listener: *index,
-                    };
-                    if self.tx.send(Gated::Conn(handoff)).is_err() {
+                    if !self.hand_over(*index, stream, peer) {
                         return Ok(false);
                     }
                 }
