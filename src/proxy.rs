@@ -310,20 +310,26 @@ fn header_end(all: &[u8], version: Version) -> Result<(usize, bool), Cut> {
 
 /// The addresses of a whole header (`bytes` is exactly the header).
 fn parse(bytes: &[u8]) -> Result<Option<Proxied>, Cut> {
-    let inet = |peer: SocketAddr, local: SocketAddr| Some(Proxied::Inet { peer, local });
+    // v1 and v2 share ppp's address types.
+    let v4 = |a: ppp::v2::IPv4| {
+        Some(Proxied::Inet {
+            peer: (a.source_address, a.source_port).into(),
+            local: (a.destination_address, a.destination_port).into(),
+        })
+    };
+    let v6 = |a: ppp::v2::IPv6| {
+        Some(Proxied::Inet {
+            peer: (a.source_address, a.source_port).into(),
+            local: (a.destination_address, a.destination_port).into(),
+        })
+    };
     if bytes.starts_with(V1_SIG) {
         use ppp::v1::Addresses;
         let h = ppp::v1::Header::try_from(bytes).map_err(|e| Cut::Malformed(format!("v1: {e}")))?;
         return Ok(match h.addresses {
             Addresses::Unknown => None,
-            Addresses::Tcp4(a) => inet(
-                (a.source_address, a.source_port).into(),
-                (a.destination_address, a.destination_port).into(),
-            ),
-            Addresses::Tcp6(a) => inet(
-                (a.source_address, a.source_port).into(),
-                (a.destination_address, a.destination_port).into(),
-            ),
+            Addresses::Tcp4(a) => v4(a),
+            Addresses::Tcp6(a) => v6(a),
         });
     }
     use ppp::v2::{Addresses, Command};
@@ -333,14 +339,8 @@ fn parse(bytes: &[u8]) -> Result<Option<Proxied>, Cut> {
     }
     Ok(match h.addresses {
         Addresses::Unspecified => None,
-        Addresses::IPv4(a) => inet(
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        ),
-        Addresses::IPv6(a) => inet(
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        ),
+        Addresses::IPv4(a) => v4(a),
+        Addresses::IPv6(a) => v6(a),
         Addresses::Unix(u) => {
             let path = |raw: &[u8; 108]| {
                 let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());

@@ -91,14 +91,6 @@ fn launch(config: &Path) -> Output {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("preforkd.log")).unwrap_or_default()
 }

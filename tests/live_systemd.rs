@@ -24,7 +24,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::wait_for;
+use common::{free_port, wait_for};
 
 /// Bumped when the root's recipe changes, so that a cached root is rebuilt.
 const ROOT_STAMP: &str = "bookworm-minbase-1";
@@ -435,12 +435,6 @@ fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// A port free on 127.0.0.1 now (the container shares the host's network).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

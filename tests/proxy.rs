@@ -344,16 +344,6 @@ fn have_haproxy() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A port free on loopback right now (HAProxy binds it next; it takes
-/// no port 0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// HAProxy on a free loopback port in front of `backend`, with `send`
 /// (send-proxy or send-proxy-v2) on its server line.
 fn haproxy(dir: &Path, backend: SocketAddr, send: &str) -> (Haproxy, SocketAddr) {

@@ -24,12 +24,6 @@ fn activator() -> Option<&'static str> {
     found.then_some("systemd-socket-activate")
 }
 
-/// A free TCP port on 127.0.0.1: bound, then released for the activator.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Runs `preforkd -c CONFIG` under systemd-socket-activate with `listen`
 /// addresses (`-l`) and their names.
 fn start(tool: &str, config: &str, listen: &[String], names: &[&str]) -> Daemon {

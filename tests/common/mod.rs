@@ -750,6 +750,15 @@ pub fn udp_ask(to: SocketAddr, from: &str, payload: &[u8]) -> Vec<u8> {
     .unwrap_or_else(|| panic!("no answer from udp://{to}"))
 }
 
+/// A TCP port free on 127.0.0.1 right now: bound, then released, for a
+/// program that takes no port 0 (HAProxy, systemd-socket-activate, a
+/// container's own config). Whoever binds it next may race another
+/// process; the callers retry or the window is short.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// `METHOD url` over HTTP/1.0: (HTTP status, headers, body).
 pub fn http(method: &str, url: &str) -> (u16, String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
